@@ -1,0 +1,372 @@
+"""Text data: sources, held-out split, tokenisation, packing, shuffling, resumable state.
+
+Documents come from the embedded corpus, local files (txt, json/jsonl, csv, parquet, or a folder
+of them) or a hub dataset, streamed or not. Each document is assigned to the held-out set or to
+training by a hash of its text, so the two never share a document (nor a block, since blocks are
+packed separately), whatever the order, the seed or the number of processes. Documents are
+tokenised, joined with EOS and cut into fixed-length blocks; a buffer of blocks gives a
+deterministic shuffle. The whole stream position (documents read, leftover tokens, shuffle
+buffer, RNG) is a `state_dict`, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import NPTError
+
+EXTENSION_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+HELDOUT_BUCKETS = 10_000
+
+
+def is_heldout(text: str, eval_fraction: float) -> bool:
+    """Deterministic, order-free split: a document is held out iff its hash falls in the lowest
+    `eval_fraction` of buckets. Identical documents land on the same side."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % HELDOUT_BUCKETS < round(eval_fraction * HELDOUT_BUCKETS)
+
+
+@dataclasses.dataclass
+class DataSpec:
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    data_files: list[str] | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    max_length: int = 128
+    eval_fraction: float = 0.02
+    eval_blocks: int = 32
+    shuffle_buffer: int = 1024
+    seed: int = 0
+
+
+# ---- document sources -------------------------------------------------------------------------
+
+
+class IndexedSource:
+    """Documents held in memory or in a map-style dataset: a fresh permutation each epoch."""
+
+    def __init__(self, docs: Sequence, text_column: str | None, seed: int, rank: int = 0, world_size: int = 1):
+        self.docs, self.text_column, self.seed = docs, text_column, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def _text(self, i: int) -> str:
+        row = self.docs[i]
+        return row if self.text_column is None else row[self.text_column]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.docs), generator=g)
+
+    def iter_epoch(self) -> Iterator[str]:
+        """The rest of the current epoch; `self.pos` always counts the documents already yielded."""
+        order = self._order(self.epoch)
+        while self.pos < len(order):
+            i = self.pos
+            self.pos += 1
+            if i % self.world_size == self.rank:
+                yield self._text(int(order[i]))
+
+    def next_epoch(self) -> None:
+        self.epoch, self.pos = self.epoch + 1, 0
+
+    def iter_natural(self) -> Iterator[str]:
+        """All documents in stored order (for building the held-out set)."""
+        for i in range(len(self.docs)):
+            yield self._text(i)
+
+    def state_dict(self) -> dict:
+        return {"kind": "indexed", "epoch": self.epoch, "pos": self.pos, "num_docs": len(self.docs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "indexed" or state.get("num_docs") != len(self.docs):
+            raise NPTError(
+                "The checkpoint's data position belongs to another dataset (different kind or size).",
+                "Resume with the same --dataset_name/--data_files/--streaming as the original run.",
+            )
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+class StreamSource:
+    """A `datasets.IterableDataset`, read in order; its own state_dict gives the position."""
+
+    def __init__(self, dataset, text_column: str, rank: int = 0, world_size: int = 1):
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.dataset, self.text_column = dataset, text_column
+        self.epoch = 0
+
+    def iter_epoch(self) -> Iterator[str]:
+        for row in self.dataset:
+            yield row[self.text_column]
+
+    def next_epoch(self) -> None:
+        # datasets applies a loaded state only to the epoch it was saved in, so a new epoch
+        # starts from the beginning.
+        self.epoch += 1
+        self.dataset.set_epoch(self.epoch)
+
+    def iter_natural(self) -> Iterator[str]:
+        yield from self.iter_epoch()
+
+    def state_dict(self) -> dict:
+        return {"kind": "stream", "epoch": self.epoch, "dataset": self.dataset.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise NPTError(
+                "The checkpoint's data position belongs to a non-streamed dataset.",
+                "Resume with the same --streaming setting as the original run.",
+            )
+        self.epoch = state["epoch"]
+        self.dataset.set_epoch(self.epoch)
+        self.dataset.load_state_dict(state["dataset"])
+
+
+# ---- opening datasets -------------------------------------------------------------------------
+
+
+def _files_for(paths: list[str]) -> tuple[str, list[str]]:
+    files: list[str] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise NPTError(f"Data path {p} does not exist.", "Check --data_files (files or folders of txt/json/jsonl/csv/parquet).")
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSION_BUILDERS)
+            if not found:
+                raise NPTError(
+                    f"Folder {p} holds no txt, json, jsonl, csv or parquet file.", "Point --data_files at the text files."
+                )
+            files.extend(found)
+        else:
+            files.append(str(path))
+    builders = {EXTENSION_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in builders:
+        odd = [f for f in files if Path(f).suffix.lower() not in EXTENSION_BUILDERS][:3]
+        raise NPTError(f"Unsupported data file type: {odd}.", "Use .txt, .json, .jsonl, .csv or .parquet files.")
+    if len(builders) > 1:
+        raise NPTError(
+            f"--data_files mixes file types ({sorted(builders)}).", "Pass files of one type (e.g. only .jsonl) per run."
+        )
+    return builders.pop(), files
+
+
+def load_raw_dataset(spec: DataSpec):
+    """The documents as a list (embedded corpus), a `datasets.Dataset` or an `IterableDataset`."""
+    import datasets
+
+    if spec.dataset_name is None and not spec.data_files:
+        from .embedded import default_corpus
+
+        return default_corpus()
+    try:
+        if spec.data_files:
+            builder, files = _files_for(spec.data_files)
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming)
+        name = spec.dataset_name
+        if os.path.sep in name and not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise NPTError(f"Dataset path {name} does not exist.", "Check --dataset_name, or use --data_files for local files.")
+        return datasets.load_dataset(name, spec.dataset_config, split=spec.dataset_split, streaming=spec.streaming)
+    except NPTError:
+        raise
+    except (OSError, ConnectionError, ValueError) as e:
+        # datasets raises FileNotFoundError / DatasetNotFoundError (a FileNotFoundError) / ConnectionError /
+        # ValueError (bad config or split) for the cases a user can fix.
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "The hub is not reachable (offline mode): download the dataset on a connected machine, or use --data_files."
+            if offline
+            else "Check the dataset name, --dataset_config and --dataset_split, or use --data_files for local files."
+        )
+        what = spec.dataset_name or spec.data_files
+        raise NPTError(f"Cannot load dataset {what!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", hint) from None
+
+
+def _check_text_column(raw, column: str) -> None:
+    if isinstance(raw, list):
+        return
+    columns = getattr(raw, "column_names", None)
+    if columns is None:  # streamed datasets may not know their features before the first row
+        first = next(iter(raw), None)
+        if first is None:
+            raise NPTError("The dataset is empty.", "Point --dataset_name/--data_files at a dataset with text.")
+        columns = list(first)
+    if column not in columns:
+        raise NPTError(
+            f"The dataset has no column {column!r}; its columns are {list(columns)}.",
+            f"Pass --text_column with one of {list(columns)}.",
+        )
+
+
+def open_source(spec: DataSpec, rank: int = 0, world_size: int = 1):
+    import datasets
+
+    raw = load_raw_dataset(spec)
+    _check_text_column(raw, spec.text_column)
+    if isinstance(raw, list):
+        return IndexedSource(raw, None, spec.seed, rank, world_size)
+    if isinstance(raw, datasets.Dataset):
+        return IndexedSource(raw, spec.text_column, spec.seed, rank, world_size)
+    return StreamSource(raw, spec.text_column, rank, world_size)
+
+
+# ---- tokenising and packing -------------------------------------------------------------------
+
+
+class Packer:
+    """Tokenises documents and cuts the joined token stream into blocks of `block_len`."""
+
+    def __init__(self, tokenizer, block_len: int, docs_per_call: int = 64):
+        if tokenizer.eos_token_id is None:
+            raise NPTError("The tokenizer has no EOS token to separate documents.", "Use a tokenizer with an eos_token.")
+        self.tokenizer, self.block_len, self.docs_per_call = tokenizer, block_len, docs_per_call
+        self.eos = tokenizer.eos_token_id
+        self.carry: list[int] = []
+
+    def add(self, texts: list[str]) -> list[torch.Tensor]:
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for doc in ids:
+            self.carry.extend(doc)
+            if not doc or doc[-1] != self.eos:
+                self.carry.append(self.eos)
+        n = len(self.carry) // self.block_len
+        if n == 0:
+            return []
+        blocks = torch.tensor(self.carry[: n * self.block_len], dtype=torch.long).view(n, self.block_len)
+        del self.carry[: n * self.block_len]
+        return list(blocks)
+
+    def blocks(self, docs: Iterator[str]) -> Iterator[torch.Tensor]:
+        batch: list[str] = []
+        for text in docs:
+            batch.append(text)
+            if len(batch) == self.docs_per_call:
+                yield from self.add(batch)
+                batch = []
+        if batch:
+            yield from self.add(batch)
+
+
+def heldout_blocks(source, tokenizer, spec: DataSpec) -> torch.Tensor:
+    """The first `eval_blocks` blocks packed from held-out documents, in stored order."""
+    packer = Packer(tokenizer, spec.max_length)
+    out: list[torch.Tensor] = []
+    docs = (t for t in source.iter_natural() if t and is_heldout(t, spec.eval_fraction))
+    for block in packer.blocks(docs):
+        out.append(block)
+        if len(out) == spec.eval_blocks:
+            break
+    if not out:
+        raise NPTError(
+            f"The held-out set is empty: no held-out document gives a full block of {spec.max_length} tokens "
+            f"(eval_fraction {spec.eval_fraction}).",
+            "Raise --eval_fraction, lower --max_length, or use a larger dataset.",
+        )
+    return torch.stack(out)
+
+
+class TrainStream:
+    """Endless, resumable stream of training batches [batch_size, max_length].
+
+    Documents are read a group at a time, tokenised and packed, and the blocks go straight into
+    the shuffle buffer. Between two calls the whole position is therefore (documents read,
+    leftover tokens, buffer, RNG), which is what `state_dict` saves.
+    """
+
+    def __init__(self, source, tokenizer, spec: DataSpec, batch_size: int):
+        self.source, self.spec, self.batch_size = source, spec, batch_size
+        self.packer = Packer(tokenizer, spec.max_length)
+        self.buffer: list[torch.Tensor] = []
+        self.epoch_tokens = 0  # tokens packed so far in the current epoch
+        self.generator = torch.Generator().manual_seed(spec.seed * 7919 + 17)
+        self._docs = self.source.iter_epoch()
+
+    def _fill_once(self) -> None:
+        texts: list[str] = []
+        exhausted = False
+        while len(texts) < self.packer.docs_per_call:
+            text = next(self._docs, None)
+            if text is None:
+                exhausted = True
+                break
+            if text and not is_heldout(text, self.spec.eval_fraction):
+                texts.append(text)
+        if texts:
+            before = len(self.packer.carry)
+            blocks = self.packer.add(texts)
+            self.epoch_tokens += len(self.packer.carry) - before + len(blocks) * self.spec.max_length
+            self.buffer.extend(blocks)
+        if exhausted:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        if self.epoch_tokens == 0:
+            raise NPTError(
+                "The training split has no text (every document is empty or held out).",
+                "Use a larger dataset or a smaller --eval_fraction.",
+            )
+        if self.epoch_tokens < self.spec.max_length:
+            raise NPTError(
+                f"The training corpus has {self.epoch_tokens} tokens, fewer than one block of --max_length "
+                f"{self.spec.max_length}.",
+                "Use more text or a smaller --max_length.",
+            )
+        self.source.next_epoch()
+        self.epoch_tokens = 0
+        self._docs = self.source.iter_epoch()
+
+    def _next_block(self) -> torch.Tensor:
+        while len(self.buffer) < max(self.spec.shuffle_buffer, 1):
+            self._fill_once()
+        i = int(torch.randint(len(self.buffer), (1,), generator=self.generator))
+        block = self.buffer[i]
+        self.buffer[i] = self.buffer[-1]
+        self.buffer.pop()
+        return block
+
+    def next_batch(self, size: int | None = None) -> torch.Tensor:
+        return torch.stack([self._next_block() for _ in range(size or self.batch_size)])
+
+    def state_dict(self) -> dict:
+        return {
+            "source": self.source.state_dict(),
+            "carry": torch.tensor(self.packer.carry, dtype=torch.long),
+            "buffer": torch.stack(self.buffer) if self.buffer else torch.empty(0, self.spec.max_length, dtype=torch.long),
+            "epoch_tokens": self.epoch_tokens,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        buffer = state["buffer"]
+        if buffer.ndim != 2 or (buffer.numel() and buffer.shape[1] != self.spec.max_length):
+            raise NPTError(
+                f"The checkpoint's data blocks have shape {tuple(buffer.shape)}, not [*, --max_length {self.spec.max_length}].",
+                "Resume with the original --max_length.",
+            )
+        self.source.load_state_dict(state["source"])
+        self.packer.carry = state["carry"].tolist()
+        self.buffer = list(buffer)
+        self.epoch_tokens = state["epoch_tokens"]
+        self.generator.set_state(state["generator"])
+        self._docs = self.source.iter_epoch()

@@ -1,0 +1,110 @@
+"""Loading the teacher (any Llama-family causal LM: hub id, local folder, or the embedded default).
+
+The same code path serves hub ids and local folders (`from_pretrained`), so tests on local
+folders exercise what a hub id uses. The architecture is checked on the meta device before any
+weight is read, so an unsupported model is refused in a second, not after a 20 GB download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .embedded import EMBEDDED_NAME
+from .errors import NPTError
+from .model import check_layer_supported, decoder_layers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise NPTError(f"Unknown dtype {name!r}.", f"Use one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """A local folder or a hub id; None means the embedded default (built on first use)."""
+    if not name_or_path or name_or_path == EMBEDDED_NAME:
+        from .embedded import ensure_default_teacher
+
+        return str(ensure_default_teacher())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise NPTError(f"{name_or_path} has no config.json: it is not a saved HF model folder.", "Pass a folder written by save_pretrained, or a hub id.")
+        return str(path)
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise NPTError(f"Model path {name_or_path} does not exist.", "Check --model_name (a local folder or a hub id such as meta-llama/Llama-3.2-1B).")
+    return name_or_path
+
+
+def load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        if _offline():
+            fix = (
+                f"{name_or_path} is not in the local HF cache and the hub is offline (HF_HUB_OFFLINE=1): "
+                "download it on a connected machine (huggingface-cli download), or pass a local folder."
+            )
+        else:
+            fix = "Check the hub id (and your access token for gated models), or pass a local folder."
+        raise NPTError(f"Cannot load model {name_or_path!r}: {str(e).splitlines()[0][:300]}", fix) from None
+
+
+def check_architecture(config, name: str) -> None:
+    """Instantiate the model on the meta device (no memory, no weights) and check its layers."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:  # transformers: "Unrecognized configuration class ..."
+        raise NPTError(
+            f"{name} ({getattr(config, 'model_type', '?')}) is not a causal LM transformers can build: {str(e).splitlines()[0][:200]}",
+            "Use a Llama-family causal LM (Llama, Mistral, Qwen2, ...).",
+        ) from None
+    layers = decoder_layers(skeleton)
+    for i, layer in enumerate(layers):
+        check_layer_supported(layer, i, f"{name} ({config.model_type})")
+
+
+def load_model(
+    name_or_path: str | None,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Load a supported teacher and its tokenizer, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    config = load_config(path)
+    check_architecture(config, path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise NPTError(f"Cannot load model {path!r}: {str(e).splitlines()[0][:300]}", "Check the folder or hub id.") from None
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching prompts needs a pad id; it is always masked
+    return model, tokenizer

@@ -1,0 +1,103 @@
+"""Metric accumulation and TensorBoard logging.
+
+Loss components stay on the device as tensors and are summed over the logging interval; they
+reach the host once per log (no `.item()` per micro-step). Tag names are the guide's, exactly:
+loss/alignment, loss/mse, loss/cosine, loss/grad_penalty, training/curriculum_factor,
+training/temperature; the rest follow the same scheme.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# metric key in LossOutput.metrics -> TensorBoard tag
+SCALAR_TAGS = {
+    "alignment": "loss/alignment",
+    "mse": "loss/mse",
+    "cosine": "loss/cosine",
+    "grad_penalty": "loss/grad_penalty",
+    "total": "loss/total",
+    "regularization": "loss/regularization",
+    "weight_balance": "loss/weight_balance",
+    "weight_temperature": "training/layer_weight_temperature",
+}
+LAYER_TAGS = {
+    "layer_loss": "layers/loss",
+    "layer_mse": "layers/mse",
+    "layer_cosine": "layers/cosine",
+    "layer_weight": "layers/weight",
+    "layer_regularization": "layers/regularization",
+}
+
+
+class IntervalMeans:
+    """Sums metric tensors over optimizer steps; `pop()` returns the means as Python numbers."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def pop(self, reduce=None) -> dict[str, float | list[float]]:
+        """Means since the last pop; `reduce` (e.g. a cross-process mean) is applied on the device."""
+        if not self.count:
+            return {}
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k].reshape(-1) for k in keys]) / self.count
+        if reduce is not None:
+            flat = reduce(flat)
+        values = flat.tolist()
+        out: dict[str, float | list[float]] = {}
+        pos = 0
+        for k in keys:
+            n = self.sums[k].numel()
+            out[k] = values[pos] if self.sums[k].ndim == 0 else values[pos : pos + n]
+            pos += n
+        self.sums, self.count = {}, 0
+        return out
+
+
+def to_tags(means: dict[str, float | list[float]], layers: list[int]) -> dict[str, float]:
+    tags: dict[str, float] = {}
+    for key, value in means.items():
+        if key in SCALAR_TAGS:
+            tags[SCALAR_TAGS[key]] = float(value)
+        elif key in LAYER_TAGS:
+            for idx, v in zip(layers, value):
+                tags[f"{LAYER_TAGS[key]}/layer_{idx:02d}"] = float(v)
+    return tags
+
+
+class TensorBoardLogger:
+    """SummaryWriter on the main process; a no-op elsewhere."""
+
+    def __init__(self, log_dir: Path | None):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

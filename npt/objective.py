@@ -1,0 +1,138 @@
+"""The training step's forward: one teacher capture, the teacher-forced student, the loss.
+
+With teacher forcing, student layer i gets the teacher's input h_i and must produce the
+teacher's output t_i. The student's attention is the teacher's attention on the same input, so
+it is taken from the capture instead of being computed again; the layers are independent, and
+the only autograd graph is, per layer, W_d, the activation and the adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .capture import LayerRecord, capture_teacher
+from .losses import LayerTensors, LossOutput, NPTLoss
+from .model import NPTModel
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, L, d] -> [N, d] float32, padding removed."""
+    x = x.float()
+    return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x.float().mean() if mask is None else x.float()[mask].mean()
+
+
+class EquivalenceObjective(nn.Module):
+    """Holds the NPT model and the loss module, so that DDP/FSDP see every trained parameter."""
+
+    def __init__(self, npt_model: NPTModel, loss: NPTLoss, gradient_penalty_every: int = 1, seed: int = 0):
+        super().__init__()
+        self.npt = npt_model
+        self.loss = loss
+        self.gradient_penalty_every = max(1, gradient_penalty_every)
+        self.normalize = loss.cfg.normalization == "update"
+        layers = npt_model.npt_config.layers
+        self.penalty_pairs = [(i, i + 1) for i in layers if i + 1 in layers][:: self.gradient_penalty_every]
+        # Per-token interpolation weights of the gradient penalty come from this generator, which
+        # is part of the training state, so a resumed run draws the same ones.
+        self.generator = torch.Generator().manual_seed(seed + 4049)
+        self._gate_norms: dict[int, torch.Tensor] = {}
+
+    def gate_norm(self, idx: int) -> torch.Tensor:
+        if idx not in self._gate_norms:
+            self._gate_norms[idx] = self.npt.npt_layers[idx].gate_weight_sq_norm()
+        return self._gate_norms[idx]
+
+    def layer_tensors(self, student: torch.Tensor, record: LayerRecord, mask: torch.Tensor | None) -> LayerTensors:
+        s = real_tokens(student, mask)
+        t = real_tokens(record.outputs, mask)
+        h = real_tokens(record.inputs, mask)
+        if self.normalize:
+            energy = (t - h).pow(2).mean().detach().clamp_min(1e-30)
+        else:
+            energy = torch.ones((), device=s.device)
+        return LayerTensors(s, t, h, energy)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, step: int = 0) -> LossOutput:
+        mask = attention_mask.bool() if attention_mask is not None else None
+        records, _ = capture_teacher(self.npt, input_ids, attention_mask)
+        tensors, regs, students = {}, [], {}
+        for idx, layer in self.npt.npt_layers.items():
+            rec = records[idx]
+            student, frob2 = layer.npt_output(rec.inputs, rec.attn)
+            students[idx] = student
+            tensors[idx] = self.layer_tensors(student, rec, mask)
+            reg = masked_mean(frob2, mask)
+            regs.append(reg / self.gate_norm(idx) if self.normalize else reg)
+        gp = None
+        if self.loss.cfg.use_gradient_penalty:
+            gp = self.gradient_penalty(records, students, tensors, mask)
+        return self.loss(list(tensors.values()), torch.stack(regs), gp, step)
+
+    def gradient_penalty(
+        self,
+        records: dict[int, LayerRecord],
+        students: dict[int, torch.Tensor],
+        tensors: dict[int, LayerTensors],
+        mask: torch.Tensor | None,
+        alpha: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """How much an error in layer i's output hurts the next layer.
+
+        For each pair of adjacent converted layers (i, j = i + 1), every k-th pair:
+
+            x   = alpha * S_i + (1 - alpha) * T_i           alpha ~ U(0, 1) per token
+            l_t = ||S_j(x)_t - T_j,t||^2 / (d E_j)          S_j(x): student layer j run freely on x
+            gp  = mean over real tokens t of  d E_i * || d(sum_s l_s) / d x_t ||^2
+
+        l_t is layer j's per-token normalised squared error, so sum_s l_s / N is its MSE term; the
+        gradient of the *sum* at each token and the factor d E_i (the per-token energy of layer
+        i's update, the scale of layer i's errors) make gp dimensionless and independent of
+        batch x sequence size. S_j(x) includes layer j's attention on x: an error in layer i moves
+        both the residual and what layer j attends to. Cost per pair: one attention forward plus
+        a double backward through it (attention runs on SDPA's math kernel, the only one with
+        double backward); `gradient_penalty_every` thins the pairs.
+        """
+        if not self.penalty_pairs:
+            return torch.zeros((), device=next(iter(students.values())).device)
+        terms = []
+        layers = self.npt.npt_layers
+        for i, j in self.penalty_pairs:
+            t_i = records[i].outputs
+            s_i = students[i].to(t_i.dtype)
+            if alpha is None:
+                a = torch.rand(t_i.shape[:-1] + (1,), generator=self.generator).to(device=t_i.device, dtype=t_i.dtype)
+            else:
+                a = alpha.to(device=t_i.device, dtype=t_i.dtype)
+            x = a * s_i + (1 - a) * t_i
+            if not x.requires_grad:
+                x.requires_grad_(True)
+            with sdpa_kernel(SDPBackend.MATH):
+                attn = layers[j].attention(x, **records[j].attn_kwargs)
+                s_j, _ = layers[j].npt_output(x, attn)
+                err = (s_j - records[j].outputs).float()
+                d = err.shape[-1]
+                per_token = err.pow(2).sum(-1) / (d * tensors[j].energy)
+                loss_sum = per_token.sum() if mask is None else per_token[mask].sum()
+                (grad,) = torch.autograd.grad(loss_sum, x, create_graph=True)
+            g2 = grad.float().pow(2).sum(-1)
+            terms.append(d * tensors[i].energy * masked_mean(g2, mask))
+        return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def calibrate_adapters(npt_model: NPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[int, dict]:
+    """Scale each adapter's A and B_m on one batch (see NPTAdapter.calibrate_)."""
+    records, _ = capture_teacher(npt_model, input_ids, attention_mask)
+    mask = attention_mask.bool() if attention_mask is not None else None
+    stats = {}
+    for idx, layer in npt_model.npt_layers.items():
+        rec = records[idx]
+        x = layer.layer.post_attention_layernorm(rec.inputs)
+        stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(rec.attn, mask))
+    return stats

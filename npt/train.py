@@ -1,0 +1,384 @@
+"""The training loop: config -> model + data -> step -> loss -> logs and checkpoints.
+
+Read it top to bottom: `train(cfg)` sets up (refusing bad input before anything is written),
+then runs optimizer steps of `gradient_accumulation_steps` micro-batches each, logging,
+evaluating and checkpointing on optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    begin_checkpoint,
+    find_latest,
+    finish_checkpoint,
+    list_checkpoints,
+    load_data_state,
+    load_training_state,
+    verify,
+    write_data_state,
+)
+from .config import TrainConfig
+from .data import DataSpec, TrainStream, heldout_blocks, open_source
+from .embedded import EMBEDDED_NAME
+from .errors import NPTError
+from .evaluate import EvalResult, evaluate_sums, finalize, sample_generations
+from .loading import load_model
+from .losses import NPTLoss
+from .metrics import IntervalMeans, TensorBoardLogger, to_tags
+from .model import NPTModel, read_adapter_config, load_adapter_weights
+from .monitor import ConvergenceMonitor
+from .objective import EquivalenceObjective, calibrate_adapters
+from .schedules import lr_factor
+
+CALIBRATION_BLOCKS = 16
+RUN_FILES = ("config.json", "checkpoints", "adapter", "tensorboard", "summary.json")
+
+
+class TooManyBadSteps(NPTError):
+    pass
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, checkpoint: Path | None):
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by signal {signum}")
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next optimizer step and exits.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[npt] signal {signum} received: saving a checkpoint at the end of this step, then exiting.", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto), or run on a machine with a GPU.")
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+
+
+def resolve_output_dir(cfg: TrainConfig, accelerator) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    name = [cfg.output_dir]
+    if cfg.output_dir is None:  # one timestamped folder, chosen by the main process for all
+        name = [time.strftime("runs/npt-%Y%m%d-%H%M%S")] if accelerator.is_main_process else [None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(name)
+    return Path(name[0])
+
+
+def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Refuse to mix runs; return the checkpoint to resume from, if any. Writes nothing."""
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint == "latest":
+            ckpt = find_latest(out)
+            if ckpt is None:
+                raise NPTError(f"--resume_from_checkpoint latest: no complete checkpoint in {out / 'checkpoints'}.", "Check --output_dir, or start without --resume_from_checkpoint.")
+            return ckpt
+        ckpt = Path(cfg.resume_from_checkpoint)
+        if not ckpt.is_dir():
+            raise NPTError(f"Checkpoint {ckpt} does not exist.", "Pass a checkpoint folder (output_dir/checkpoints/step-...) or 'latest'.")
+        verify(ckpt)
+        return ckpt
+    if out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.overwrite_output_dir:
+        raise NPTError(
+            f"Output dir {out} already holds a run.",
+            "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir.",
+        )
+    return None
+
+
+def check_resume_compatible(ckpt: Path, npt_model: NPTModel) -> None:
+    saved = read_adapter_config(ckpt)
+    ours = npt_model.npt_config
+    diffs = {k: (v, ours.shape_signature()[k]) for k, v in saved.shape_signature().items() if ours.shape_signature()[k] != v}
+    if saved.base_model_name_or_path != ours.base_model_name_or_path:
+        diffs["base_model"] = (saved.base_model_name_or_path, ours.base_model_name_or_path)
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diffs.items())
+        raise NPTError(f"Checkpoint {ckpt} belongs to another model or adapter shape ({detail}).", "Resume with the original --model_name, --npt_layers, --adapter_rank and --num_ranks, or start a new --output_dir.")
+
+
+def data_spec(cfg: TrainConfig) -> DataSpec:
+    return DataSpec(
+        dataset_name=cfg.dataset_name,
+        dataset_config=cfg.dataset_config,
+        data_files=cfg.data_files,
+        dataset_split=cfg.dataset_split,
+        text_column=cfg.text_column,
+        streaming=cfg.streaming,
+        max_length=cfg.max_length,
+        eval_fraction=cfg.eval_fraction,
+        eval_blocks=cfg.eval_blocks,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+    )
+
+
+def build_optimizer(cfg: TrainConfig, npt_model: NPTModel, loss: NPTLoss) -> torch.optim.Optimizer:
+    groups = [{"params": list(npt_model.adapter_parameters()), "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "base_lr": cfg.learning_rate}]
+    if loss.adaptive is not None:
+        groups.append({"params": list(loss.adaptive.parameters()), "lr": cfg.adaptive_weights_lr, "weight_decay": 0.0, "base_lr": cfg.adaptive_weights_lr})
+    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    step: int = 0  # optimizer steps taken
+    skipped_steps: int = 0  # non-finite steps skipped in total
+    consecutive_bad: int = 0
+    tokens_seen: int = 0
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    out = resolve_output_dir(cfg, accelerator)
+    resume = prepare_output_dir(cfg, out)
+    set_seed(cfg.seed)
+
+    # model
+    with accelerator.main_process_first():  # the embedded teacher is built once, by the main process
+        model, tokenizer = load_model(cfg.model_name, cfg.dtype, str(accelerator.device), cfg.attn_implementation)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.max_length > max_pos:
+        raise NPTError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")
+    npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks, cfg.modulation_scale, base_model_name_or_path=cfg.model_name or EMBEDDED_NAME)
+    layers = list(npt.npt_layers)
+
+    # data
+    spec = data_spec(cfg)
+    eval_blocks = heldout_blocks(open_source(spec), tokenizer, spec)
+    stream = TrainStream(open_source(spec, rank, world), tokenizer, spec, cfg.batch_size)
+
+    # loss, objective, optimizer
+    loss = NPTLoss(cfg.loss_config(), len(layers))
+    objective = EquivalenceObjective(npt, loss, cfg.gradient_penalty_every, cfg.seed)
+    if cfg.use_gradient_penalty and not objective.penalty_pairs:
+        raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {layers}.", "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
+    optimizer = build_optimizer(cfg, npt, loss)
+    state, monitor = RunState(), ConvergenceMonitor()
+
+    if resume is not None:
+        check_resume_compatible(resume, npt)
+        npt.load_adapter_state_dict(load_adapter_weights(resume))
+        saved = load_training_state(resume)
+        optimizer.load_state_dict(saved["optimizer"])
+        loss.load_state_dict(saved["loss"])
+        objective.generator.set_state(saved["penalty_generator"])
+        monitor.load_state_dict(saved["monitor"])
+        state = RunState(**saved["run"])
+        torch.set_rng_state(saved["torch_rng"])
+        stream.load_state_dict(load_data_state(resume, rank))
+        accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
+    elif cfg.adapter_init == "calibrated":
+        # A fixed sample (not one batch) so the initialisation does not depend on --batch_size;
+        # the stream is rewound, so calibration does not consume training data.
+        peek = stream.state_dict()
+        calibrate_adapters(npt, stream.next_batch(CALIBRATION_BLOCKS).to(accelerator.device))
+        stream.load_state_dict(peek)
+
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if is_main:
+        if cfg.overwrite_output_dir and resume is None:
+            for f in RUN_FILES:
+                shutil.rmtree(out / f, ignore_errors=True) if (out / f).is_dir() else (out / f).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_saved = dataclasses.replace(cfg, output_dir=str(out))
+        cfg_saved.save(out / "config.json")
+    accelerator.wait_for_everyone()
+    logger = TensorBoardLogger(out / "tensorboard" if is_main else None)
+    means = IntervalMeans()
+    adapter_params = list(npt.adapter_parameters())
+    tokens_per_step = cfg.batch_size * cfg.max_length * cfg.gradient_accumulation_steps * world
+
+    def save(step: int) -> Path:
+        tmp = begin_checkpoint(out, step, is_main)
+        accelerator.wait_for_everyone()
+        write_data_state(tmp, rank, stream.state_dict())
+        accelerator.wait_for_everyone()
+        path = None
+        if is_main:
+            training_state = {
+                "optimizer": optimizer.state_dict(),
+                "loss": accelerator.unwrap_model(objective).loss.state_dict(),
+                "penalty_generator": accelerator.unwrap_model(objective).generator.get_state(),
+                "monitor": monitor.state_dict(),
+                "run": dataclasses.asdict(state),
+                "torch_rng": torch.get_rng_state(),
+                "config": json.loads(json.dumps(cfg.to_dict())),
+            }
+            path = finish_checkpoint(out, step, npt, training_state, cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path or Path(out) / "checkpoints" / f"step-{step:08d}"
+
+    def run_eval(step: int) -> EvalResult:
+        shard = eval_blocks[rank::world]
+        sums = evaluate_sums(npt, shard, cfg.eval_batch_size) if len(shard) else torch.zeros(4 * len(layers) + 4, dtype=torch.float64, device=accelerator.device)
+        result = finalize(accelerator.reduce(sums, "sum"), layers)
+        logger.scalars(step, result.scalars())
+        if is_main and cfg.num_samples:
+            samples = sample_generations(npt, tokenizer, eval_blocks, cfg.num_samples)
+            logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
+        return result
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="NPT pre-training", disable=not (is_main and cfg.progress), dynamic_ncols=True)
+    first_eval = run_eval(state.step) if resume is None else None
+    if first_eval is not None and is_main:
+        accelerator.print(f"[npt] before training: mean rel error {first_eval.rel_error_mean:.4f}, KL {first_eval.kl:.4f}, perplexity teacher {first_eval.teacher_ppl:.2f} / student {first_eval.student_ppl:.2f}")
+    last_log_time, last_log_step = time.perf_counter(), state.step
+    result: EvalResult | None = None
+
+    with GracefulStop() as stopper:
+        while state.step < cfg.max_steps:
+            factor = lr_factor(state.step, cfg.warmup, cfg.max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            window_objective = torch.zeros((), device=accelerator.device)
+            window_metrics = IntervalMeans()
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = stream.next_batch().to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(objective):
+                    output = objective(batch, None, state.step)
+                    accelerator.backward(output.objective)
+                window_objective += output.objective.detach().float()
+                window_metrics.add(output.metrics)
+            grad_norm = accelerator.clip_grad_norm_(adapter_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            check = accelerator.reduce(torch.stack([window_objective, grad_norm.float().to(window_objective.device)]), "sum")
+            loss_ok, grad_ok = torch.isfinite(check).tolist()  # the one host sync per optimizer step
+            finite = loss_ok and grad_ok
+            if finite:
+                optimizer.step()
+                state.step += 1
+                state.consecutive_bad = 0
+                state.tokens_seen += tokens_per_step
+                step_metrics = {k: v / cfg.gradient_accumulation_steps for k, v in window_metrics.sums.items()}
+                step_metrics["grad_norm"] = grad_norm.detach().float()
+                means.add(step_metrics)
+                bar.update(1)
+            elif loss_ok and accelerator.mixed_precision == "fp16":
+                optimizer.step()  # fp16 overflow: the grad scaler skips this update and lowers its scale
+            else:
+                state.skipped_steps += 1
+                state.consecutive_bad += 1
+                logger.scalars(state.step, {"training/skipped_steps": state.skipped_steps})
+                accelerator.print(f"[npt] step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a row, {state.skipped_steps} in total)")
+                if state.consecutive_bad >= cfg.max_bad_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    last = list_checkpoints(out)
+                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                    raise TooManyBadSteps(
+                        f"{state.consecutive_bad} consecutive steps had a non-finite loss or gradient (step {state.step}); {where}.",
+                        "Reduce --learning_rate, lower --max_grad_norm (e.g. 0.5), disable --use_gradient_penalty, check the teacher's outputs for extreme values, then resume.",
+                    )
+            optimizer.zero_grad(set_to_none=True)
+
+            if finite and (state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps):
+                now = time.perf_counter()
+                interval = means.pop(reduce=lambda t: accelerator.reduce(t, "mean"))
+                tags = to_tags(interval, layers)
+                unwrapped = accelerator.unwrap_model(objective)
+                c, temperature = unwrapped.loss.schedule(state.step)
+                tags.update(
+                    {
+                        "training/curriculum_factor": c,
+                        "training/temperature": temperature,
+                        "training/learning_rate": optimizer.param_groups[0]["lr"],
+                        "training/grad_norm": interval["grad_norm"],
+                        "training/tokens_per_sec": (state.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9),
+                        "training/skipped_steps": state.skipped_steps,
+                    }
+                )
+                logger.scalars(state.step, tags)
+                weights = interval.get("layer_weight") if cfg.use_adaptive_weights else None
+                for sign in monitor.update(state.step, tags, weights, interval.get("weight_temperature")):
+                    accelerator.print(sign.message)
+                    logger.text(state.step, "monitor/warnings", sign.message)
+                    logger.scalars(state.step, {f"monitor/{sign.key}": 1.0})
+                bar.set_postfix(loss=f"{tags['loss/total']:.4f}", lr=f"{tags['training/learning_rate']:.2e}", tok_s=f"{tags['training/tokens_per_sec']:.0f}")
+                last_log_time, last_log_step = now, state.step
+
+            stop = torch.tensor([float(stopper.signum or 0)], device=accelerator.device)
+            signum = int(accelerator.reduce(stop, "max").item()) if world > 1 else int(stop.item())
+            if signum:
+                path = save(state.step)
+                logger.close()
+                bar.close()
+                raise Interrupted(signum, path)
+            if finite and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_steps:
+                result = run_eval(state.step)
+                if is_main:
+                    bar.write(f"[npt] step {state.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, perplexity ratio {result.ppl_ratio:.3f}")
+            if finite and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
+                save(state.step)
+    bar.close()
+
+    result = run_eval(state.step)
+    final_ckpt = save(state.step)
+    summary = {
+        "output_dir": str(out),
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "checkpoint": str(final_ckpt),
+        "adapter_dir": str(out / "adapter"),
+        "eval": dataclasses.asdict(result) | {"rel_error_mean": result.rel_error_mean, "ppl_ratio": result.ppl_ratio},
+        "eval_before": None if first_eval is None else dataclasses.asdict(first_eval) | {"rel_error_mean": first_eval.rel_error_mean, "ppl_ratio": first_eval.ppl_ratio},
+        "warnings": dict(monitor.fired),
+        "healthy_signs": monitor.healthy_summary(),
+    }
+    if is_main:
+        npt.save_pretrained(out / "adapter")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.print("\nHeld-out evaluation after training:\n" + result.table())
+        accelerator.print("\nThe guide's healthy-training signs:\n" + "\n".join("  " + line for line in summary["healthy_signs"]))
+        accelerator.print(f"\nAdapters: {out / 'adapter'}   TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary

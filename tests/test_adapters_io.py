@@ -1,0 +1,82 @@
+"""Adapter files: adapters only, safetensors + JSON, exact round trip, damage detected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from npt.errors import NPTError
+from npt.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NPTModel
+
+
+def _randomize(npt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in npt.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_round_trip_onto_a_given_base_model_is_exact(tmp_path):
+    npt = NPTModel.convert(tiny_model(seed=4), "0,2", rank=3, num_ranks=2, modulation_scale=0.5)
+    _randomize(npt)
+    npt.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert cfg["layers"] == [0, 2] and cfg["rank"] == 3 and cfg["num_ranks"] == 2 and cfg["modulation_scale"] == 0.5
+    assert cfg["dtype"] == "float32" and len(cfg["adapter_sha256"]) == 64
+    loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model(seed=4))
+    for k, v in npt.adapter_state_dict().items():
+        assert torch.equal(loaded.adapter_state_dict()[k], v)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, trained_teacher):
+    model, _ = trained_teacher
+    npt = NPTModel.convert(model, "all", rank=4)
+    _randomize(npt, 1)
+    assert npt.npt_config.base_model_name_or_path.endswith("tiny-teacher")
+    npt.save_pretrained(tmp_path / "adapter")
+    loaded = NPTModel.from_pretrained(tmp_path / "adapter")  # no base model given: loaded from the config
+    x = torch.randint(0, 500, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+        with loaded.teacher_mode(), npt.teacher_mode():
+            assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_adapter_file_of_the_default_model_is_small(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from npt.config import TrainConfig
+    from npt.embedded import DEFAULT_RECIPE as r
+
+    cfg = TrainConfig()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=r.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
+                                         num_hidden_layers=r.num_layers, num_attention_heads=r.num_heads, tie_word_embeddings=True))
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks)
+    npt.save_pretrained(tmp_path)
+    size = (tmp_path / ADAPTER_WEIGHTS).stat().st_size
+    n_adapter = sum(p.numel() for p in npt.adapter_parameters())
+    assert size < n_adapter * 4 + 4096  # the adapters and a header, nothing else
+    assert size < 0.25 * base_bytes
+
+
+def test_damaged_or_mismatched_adapters_are_refused(tmp_path):
+    npt = NPTModel.convert(tiny_model(), "all", rank=2)
+    npt.save_pretrained(tmp_path)
+    data = bytearray((tmp_path / ADAPTER_WEIGHTS).read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(NPTError, match="checksum"):
+        NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    npt.save_pretrained(tmp_path)
+    with pytest.raises(NPTError, match="trained on a base model with"):
+        NPTModel.from_pretrained(tmp_path, base_model=tiny_model(hidden_size=64, intermediate_size=96))
+    with pytest.raises(NPTError, match="No adapter_config.json"):
+        NPTModel.from_pretrained(tmp_path / "nowhere", base_model=tiny_model())

@@ -1,0 +1,219 @@
+"""The NPT layer, conversion, one copy of the weights, teacher capture, causality and padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from npt.capture import capture_teacher
+from npt.errors import NPTError, UnsupportedArchitectureError
+from npt.layer import NPTAdapter
+from npt.model import NPTModel, decoder_layers
+
+
+def hand_mlp(layer, x, gate_delta=None):
+    """SwiGLU MLP written out by hand from the layer's weights: W_d(silu(W_g x + delta) * W_u x)."""
+    mlp = layer.mlp
+    gate = x @ mlp.gate_proj.weight.T
+    if gate_delta is not None:
+        gate = gate + gate_delta
+    return (F.silu(gate) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+
+
+def hand_rmsnorm(norm, h):
+    return norm.weight * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+def test_zero_adapter_output_is_attention_dropped():
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    layer = npt.npt_layers[1]
+    h = torch.randn(2, 5, 32)
+    attn = torch.randn(2, 5, 32)
+    out, frob2 = layer.npt_output(h, attn)  # a fresh adapter has B_f = 0
+    expected = h + hand_mlp(layer.layer, hand_rmsnorm(layer.layer.post_attention_layernorm, h))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(frob2 == 0)
+
+
+def test_known_delta_gives_hand_computed_modulated_mlp():
+    torch.manual_seed(1)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulation_scale=0.7)
+    layer = npt.npt_layers[0]
+    ad = layer.adapter
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.3)
+    h, attn = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    out, frob2 = layer.npt_output(h, attn)
+    x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
+    for t in range(4):  # materialise the per-token delta matrix, which the layer never does
+        z = ad.A.weight @ attn[0, t]
+        v_m = (ad.B_m.weight @ z).view(2, 32)
+        v_f = (ad.B_f.weight @ z).view(2, 64)
+        delta_w = 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))  # [d_ffn, d_model]
+        expected = h[0, t] + hand_mlp(layer.layer, x[0, t], delta_w @ x[0, t])
+        torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(frob2[0, t], delta_w.pow(2).sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_gives_unit_rms_and_keeps_attention_dropped_start():
+    ad = NPTAdapter(32, 64, rank=4, num_ranks=2)
+    x, attn = torch.randn(100, 32) * 3, torch.randn(100, 32) * 0.01
+    ad.calibrate_(x, attn)
+    v_m, v_f = ad.vectors(attn)
+    z = ad.A(attn)
+    assert z.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    coef = torch.einsum("nkd,nd->nk", v_m, x)
+    assert coef.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.all(v_f == 0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_conversion_of_llama_family(kind):
+    model = tiny_model(kind)
+    n_base = sum(p.numel() for p in model.parameters())
+    npt = NPTModel.convert(model, "upper_half", rank=4)
+    assert npt.npt_config.layers == [1, 2] and npt.npt_config.model_type == kind
+    trainable = {n for n, p in npt.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable)
+    # One copy of the weights: the base parameters are the same tensors, only adapters were added.
+    assert sum(p.numel() for p in npt.parameters()) == n_base + sum(p.numel() for p in npt.adapter_parameters())
+    x = torch.randint(0, 128, (2, 7))
+    out = npt(input_ids=x).logits
+    assert out.shape == (2, 7, 128) and torch.isfinite(out).all()
+
+
+def test_teacher_mode_is_the_original_model():
+    reference = tiny_model(seed=3)
+    npt = NPTModel.convert(tiny_model(seed=3), "all", rank=4)
+    with torch.no_grad():
+        for p in npt.adapter_parameters():
+            p.normal_()  # teacher mode must ignore the adapters completely
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad(), npt.teacher_mode():
+        ours = npt(input_ids=x).logits
+    torch.testing.assert_close(ours, reference(input_ids=x).logits, rtol=0, atol=0)
+    assert all(layer.npt_enabled for layer in npt.npt_layers.values())  # restored after the block
+
+
+def test_layer_selection_and_bad_layers():
+    assert NPTModel.convert(tiny_model(), "0,2", rank=2).npt_config.layers == [0, 2]
+    assert NPTModel.convert(tiny_model(), "lower_half", rank=2).npt_config.layers == [0]
+    with pytest.raises(NPTError, match="names layer"):
+        NPTModel.convert(tiny_model(), "5", rank=2)
+    with pytest.raises(NPTError, match="rank"):
+        NPTModel.convert(tiny_model(), "all", rank=0)
+    with pytest.raises(NPTError, match="rank"):
+        NPTModel.convert(tiny_model(), "all", rank=33)
+
+
+def test_unsupported_architecture_is_refused_with_the_missing_part():
+    from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="model.model.layers"):
+        NPTModel.convert(gpt2)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
+    with pytest.raises(UnsupportedArchitectureError, match=r"mlp\.gate_proj"):
+        NPTModel.convert(moe)
+
+
+def test_captured_targets_are_each_layers_own_output_before_the_final_norm():
+    model = tiny_model()
+    layers = decoder_layers(model)
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o)) for i, layer in enumerate(layers)]
+    x = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        hidden = model(input_ids=x, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    npt = NPTModel.convert(model, "all", rank=4)
+    records, _ = capture_teacher(npt, x)
+    for i in range(3):
+        torch.testing.assert_close(records[i].outputs, seen[i], rtol=0, atol=0)
+        torch.testing.assert_close(records[i].inputs, hidden[i], rtol=0, atol=0)
+    # HF's last hidden_states entry has the final norm applied; the target must not.
+    assert (records[2].outputs - hidden[3]).abs().max() > 0.1
+    # a_i really is the attention output: h + a + MLP(Norm2(h + a)) reproduces t.
+    layer = npt.npt_layers[1].layer
+    r = records[1]
+    mid = r.inputs + r.attn
+    torch.testing.assert_close(mid + hand_mlp(layer, hand_rmsnorm(layer.post_attention_layernorm, mid)), r.outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_stops_after_the_last_converted_layer():
+    npt = NPTModel.convert(tiny_model(), "0", rank=2)
+    calls = []
+    decoder_layers(npt.model)[2].register_forward_hook(lambda *a: calls.append(1))
+    records, _ = capture_teacher(npt, torch.randint(0, 128, (1, 4)))
+    assert list(records) == [0] and calls == []
+
+
+def _student_outputs(npt, x, mask=None):
+    """Teacher-forced student outputs of every converted layer."""
+    records, _ = capture_teacher(npt, x, mask)
+    return {i: layer.npt_output(records[i].inputs, records[i].attn)[0] for i, layer in npt.npt_layers.items()}
+
+
+def _random_adapters(npt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in npt.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_causality_teacher_forced_and_free_running():
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    _random_adapters(npt)
+    x = torch.randint(0, 128, (2, 10))
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 17) % 128  # change only later tokens
+    with torch.no_grad():
+        sx, sy = _student_outputs(npt, x), _student_outputs(npt, y)
+        fx, fy = npt(input_ids=x).logits, npt(input_ids=y).logits
+    for i in sx:
+        torch.testing.assert_close(sx[i][:, :6], sy[i][:, :6], rtol=0, atol=1e-6)
+        assert (sx[i][:, 6:] - sy[i][:, 6:]).abs().max() > 1e-3  # later positions do change
+    torch.testing.assert_close(fx[:, :6], fy[:, :6], rtol=0, atol=1e-6)
+    assert (fx[:, 6:] - fy[:, 6:]).abs().max() > 1e-3
+
+
+def test_padding_changes_nothing_for_real_tokens():
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    _random_adapters(npt, seed=1)
+    x = torch.randint(1, 128, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)  # left padding
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    right = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # right padding
+    rmask = torch.cat([torch.ones(1, 7, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    # Left padding shifts positions; give the real tokens the same position ids as unpadded.
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        plain = _student_outputs(npt, x)
+        records, _ = capture_teacher(npt, right, rmask)
+        for i, layer in npt.npt_layers.items():
+            s, _ = layer.npt_output(records[i].inputs, records[i].attn)
+            torch.testing.assert_close(s[:, :7], plain[i], rtol=1e-5, atol=1e-5)
+        free = npt(input_ids=x).logits
+        free_left = npt(input_ids=padded, attention_mask=mask, position_ids=pos).logits
+        free_right = npt(input_ids=right, attention_mask=rmask).logits
+    torch.testing.assert_close(free_left[:, 3:], free, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(free_right[:, :7], free, rtol=1e-4, atol=1e-4)
+
+
+def test_free_running_generate_uses_npt_layers_and_cache():
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    _random_adapters(npt, seed=2)
+    prompt = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        cached = npt.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = npt.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+        with npt.teacher_mode():
+            teacher = npt.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, teacher)  # strong random adapters change the continuation
+

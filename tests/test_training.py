@@ -1,0 +1,155 @@
+"""The main job end to end: CLI, TensorBoard tags read back, schedules, checkpoints, resume,
+gradient accumulation, config files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from npt.cli import main
+from npt.config import parse_args
+from npt.model import load_adapter_weights
+from npt.schedules import curriculum_factor, distill_temperature, lr_factor
+
+GUIDE_TAGS = ["loss/alignment", "loss/mse", "loss/cosine", "loss/grad_penalty", "training/curriculum_factor", "training/temperature"]
+
+
+def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def base_args(teacher_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name", str(teacher_dir), "--output_dir", str(out), "--max_length", "32", "--batch_size", "4",
+        "--eval_blocks", "8", "--eval_batch_size", "8", "--num_samples", "1", "--no-progress", *extra,
+    ]
+
+
+@pytest.mark.parametrize("loss_type", ["improved_npt", "focal_mse", "smooth_l1_mse", "mse"])
+def test_each_loss_type_trains_and_logs_the_guide_tags(tmp_path, trained_teacher_dir, loss_type):
+    out = tmp_path / "run"
+    args = base_args(trained_teacher_dir, out, "--loss_type", loss_type, "--max_steps", "40", "--warmup_steps", "0.25",
+                     "--logging_steps", "4", "--eval_steps", "20", "--learning_rate", "1e-2",
+                     "--use_adaptive_weights", "--use_gradient_penalty", "--save_steps", "20")
+    assert main(args) == 0
+    scalars = read_scalars(out)
+    for tag in GUIDE_TAGS + ["loss/total", "loss/regularization", "training/learning_rate", "training/grad_norm",
+                             "training/tokens_per_sec", "layers/mse/layer_00", "layers/weight/layer_02",
+                             "eval/rel_error_mean", "eval/kl", "eval/student_ppl", "eval/teacher_ppl"]:
+        assert tag in scalars, (tag, sorted(scalars))
+        assert all(math.isfinite(v) for v in scalars[tag].values()), tag
+    assert sorted(scalars["loss/mse"]) == list(range(4, 41, 4))  # logged on optimizer steps
+    assert scalars["loss/grad_penalty"][40] > 0
+    for step, c in scalars["training/curriculum_factor"].items():
+        assert c == pytest.approx(curriculum_factor(step, 10), abs=1e-6)
+        assert scalars["training/temperature"][step] == pytest.approx(distill_temperature(c, 3.0), abs=1e-5)
+    assert scalars["training/curriculum_factor"][40] == 1.0 and scalars["training/temperature"][40] == 1.0
+    # the per-layer held-out error fell for every layer, whatever the loss type
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"]["rel_error"], summary["eval"]["rel_error"]
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    # checkpoints and final adapters are on disk; the saved config is the resolved one
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000020", "step-00000040"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["loss_type"] == loss_type and saved["resolved"]["warmup_steps"] == 10
+
+
+def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir):
+    full = tmp_path / "full"
+    common = ("--max_steps", "24", "--save_steps", "12", "--logging_steps", "2", "--eval_steps", "0", "--num_samples", "0",
+              "--use_adaptive_weights", "--use_gradient_penalty", "--warmup_steps", "16", "--learning_rate", "5e-3")
+    assert main(base_args(trained_teacher_dir, full, *common)) == 0
+    # A second run that stopped at step 12: its output dir holds only the step-12 checkpoint.
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000012", part / "checkpoints" / "step-00000012")
+    assert main(base_args(trained_teacher_dir, part, *common, "--resume_from_checkpoint", "latest")) == 0
+    a, b = read_scalars(full), read_scalars(part)
+    assert min(b["training/learning_rate"]) == 14  # continued at the right step
+    for tag in ("training/learning_rate", "training/curriculum_factor", "training/temperature", "loss/total", "loss/grad_penalty"):
+        for step, value in b[tag].items():
+            assert value == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
+    assert b["training/learning_rate"][14] == pytest.approx(5e-3 * lr_factor(13, 16, 24))
+    wa, wb = load_adapter_weights(full / "adapter"), load_adapter_weights(part / "adapter")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bit-identical adapters on CPU
+
+
+def test_gradient_accumulation_steps_once_per_window(tmp_path, trained_teacher_dir):
+    # 2 micro-batches of 2 blocks see the same blocks as 1 batch of 4, so (with a loss that is a
+    # plain mean over tokens) both runs take the same optimizer steps.
+    common = ("--max_steps", "6", "--eval_steps", "0", "--num_samples", "0", "--loss_type", "mse",
+              "--loss_normalization", "none", "--learning_rate", "1e-2", "--logging_steps", "1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(base_args(trained_teacher_dir, one, *common)) == 0
+    args = base_args(trained_teacher_dir, two, *common, "--gradient_accumulation_steps", "2")
+    args[args.index("--batch_size") + 1] = "2"
+    assert main(args) == 0
+    assert sorted(read_scalars(two)["loss/mse"]) == [1, 2, 3, 4, 5, 6]
+    wa, wb = load_adapter_weights(one / "adapter"), load_adapter_weights(two / "adapter")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=5e-5)  # a step per micro-batch differs by ~lr
+
+
+def test_config_file_sets_defaults_and_flags_override():
+    cfg = parse_args(["--config", str(ROOT / "configs" / "difficult.yaml"), "--learning_rate", "0.0123"])
+    assert cfg.learning_rate == 0.0123
+    assert (cfg.warmup_steps, cfg.distill_temperature, cfg.use_adaptive_weights, cfg.use_gradient_penalty) == ("0.2", 5.0, True, True)
+    assert parse_args(["--config", str(ROOT / "configs" / "difficult.yaml"), "--no-use_gradient_penalty"]).use_gradient_penalty is False
+    std, dif, fast = (parse_args(["--config", str(ROOT / "configs" / f"{n}.yaml")]) for n in ("standard", "difficult", "fast"))
+    assert (std.warmup, dif.warmup, fast.warmup) == (200, 400, 100)  # 10% / 20% / 5% of the default 2000 steps
+    assert (std.distill_temperature, dif.distill_temperature, fast.distill_temperature) == (3.0, 5.0, 2.0)
+    assert dif.learning_rate == pytest.approx(0.5 * std.learning_rate) and fast.learning_rate == pytest.approx(1.5 * std.learning_rate)
+    assert fast.use_gradient_penalty is False and dif.use_adaptive_weights and dif.use_gradient_penalty
+
+
+def test_script_entry_point_and_recipe_run_in_a_subprocess(tmp_path, trained_teacher_dir):
+    """The real command line (a new process), through the fast recipe script."""
+    env = os.environ | {"OUTPUT_DIR": str(tmp_path / "run"), "TENSORBOARD": "0"}
+    cmd = ["bash", str(ROOT / "scripts" / "train_fast.sh"), str(trained_teacher_dir), "default",
+           "--max_steps", "4", "--max_length", "32", "--batch_size", "2", "--eval_blocks", "4", "--num_samples", "0", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Held-out evaluation after training" in proc.stdout
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["distill_temperature"] == 2.0 and saved["use_gradient_penalty"] is False
+    bad = subprocess.run([sys.executable, str(ROOT / "pretrain_npt_improved.py"), "--loss_type", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_embedded_default_run_reduces_heldout_error_per_layer(tmp_path):
+    """The README's main command with its defaults (a shorter run): builds the embedded teacher
+    if the cache has none (on a clean machine, ~3 minutes), trains, and every layer's held-out
+    error falls."""
+    out = tmp_path / "default"
+    assert main(["--output_dir", str(out), "--max_steps", "150", "--eval_steps", "0", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval"]
+    assert all(a < b for a, b in zip(after["rel_error"], before["rel_error"])), (before["rel_error"], after["rel_error"])
+    assert after["kl"] < before["kl"] and after["student_ppl"] < before["student_ppl"]
+    assert 20 < after["teacher_ppl"] < 60  # a trained teacher, not a random one
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "npt-embedded-default"
+
+
+def test_every_flag_is_documented_in_the_readme():
+    from npt.config import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    flags = [opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--") and not opt.startswith("--no-")]
+    missing = [f for f in flags if f"`{f}`" not in readme and f"`{f}`," not in readme and f != "--help"]
+    assert not missing, missing
