@@ -66,14 +66,19 @@ def write_data_state(tmp: Path, rank: int, data_state: dict) -> None:
 def finish_checkpoint(output_dir: Path, step: int, npt_model: NPTModel, training_state: dict, keep: int) -> Path:
     """Main process, after every process wrote its data state: adapters, state, manifest, rename."""
     tmp = staging_dir(output_dir, step)
+    final = checkpoint_dir(output_dir, step)
+    if final.is_dir():  # this step is already saved (an interrupt right after a periodic save): same state
+        try:
+            verify(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        except NPTError:
+            shutil.rmtree(final)  # damaged: replace it
     npt_model.save_pretrained(tmp)
     _torch_save(training_state, tmp / TRAINING_STATE)
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     manifest = {"step": step, "files": {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}}
     write_json_atomic(tmp / MANIFEST, manifest)
-    final = checkpoint_dir(output_dir, step)
-    if final.exists():  # the same step saved twice (e.g. an interrupt right after a periodic save)
-        shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     rotate(output_dir, keep)

@@ -202,8 +202,15 @@ def _type_of(f: dataclasses.Field):
     return str
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (cause and fix), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}. Fix: see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pretrain_npt_improved.py",
         description="Equivalence pre-training of Neuro-Plastic Transformer (NPT) adapters with the improved loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

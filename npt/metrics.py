@@ -78,12 +78,12 @@ def to_tags(means: dict[str, float | list[float]], layers: list[int]) -> dict[st
 class TensorBoardLogger:
     """SummaryWriter on the main process; a no-op elsewhere."""
 
-    def __init__(self, log_dir: Path | None):
+    def __init__(self, log_dir: Path | None, purge_step: int | None = None):
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

@@ -195,6 +195,12 @@ def train(cfg: TrainConfig) -> dict:
     spec = data_spec(cfg)
     eval_blocks = heldout_blocks(open_source(spec), tokenizer, spec)
     stream = TrainStream(open_source(spec, rank, world), tokenizer, spec, cfg.batch_size)
+    # Draw a first sample now: a corpus too small for one block is refused before anything is
+    # written. The same fixed-size sample (not one batch, so the initialisation does not depend on
+    # --batch_size) calibrates the adapters; the stream is rewound, so no training data is consumed.
+    rewind = stream.state_dict()
+    sample = stream.next_batch(CALIBRATION_BLOCKS)
+    stream.load_state_dict(rewind)
 
     # loss, objective, optimizer
     loss = NPTLoss(cfg.loss_config(), len(layers))
@@ -217,11 +223,7 @@ def train(cfg: TrainConfig) -> dict:
         stream.load_state_dict(load_data_state(resume, rank))
         accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
     elif cfg.adapter_init == "calibrated":
-        # A fixed sample (not one batch) so the initialisation does not depend on --batch_size;
-        # the stream is rewound, so calibration does not consume training data.
-        peek = stream.state_dict()
-        calibrate_adapters(npt, stream.next_batch(CALIBRATION_BLOCKS).to(accelerator.device))
-        stream.load_state_dict(peek)
+        calibrate_adapters(npt, sample.to(accelerator.device))
 
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if is_main:
@@ -232,7 +234,8 @@ def train(cfg: TrainConfig) -> dict:
         cfg_saved = dataclasses.replace(cfg, output_dir=str(out))
         cfg_saved.save(out / "config.json")
     accelerator.wait_for_everyone()
-    logger = TensorBoardLogger(out / "tensorboard" if is_main else None)
+    # On resume, events a crashed run logged after its checkpoint are hidden (purge_step).
+    logger = TensorBoardLogger(out / "tensorboard" if is_main else None, purge_step=state.step + 1 if resume else None)
     means = IntervalMeans()
     adapter_params = list(npt.adapter_parameters())
     tokens_per_step = cfg.batch_size * cfg.max_length * cfg.gradient_accumulation_steps * world
