@@ -83,3 +83,50 @@ def capture_teacher(
         for h in handles:
             h.remove()
 
+
+
+def run_student(
+    npt_model: NPTModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    with_logits: bool = False,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+    """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
+    every converted layer's output, its per-token regulariser, and the logits if asked.
+
+    Without logits the forward stops after the last converted layer."""
+    layers = npt_model.npt_layers
+    last = max(layers)
+    outputs: dict[int, torch.Tensor] = {}
+    frob2: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def adapter_hook(idx):
+        def hook(module, args, output):
+            frob2[idx] = output[1]
+
+        return hook
+
+    def layer_hook(idx):
+        def hook(module, args, output):
+            outputs[idx] = output[0] if isinstance(output, tuple) else output
+            if idx == last and not with_logits:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for idx, layer in layers.items():
+            handles.append(layer.adapter.register_forward_hook(adapter_hook(idx)))
+            handles.append(layer.register_forward_hook(layer_hook(idx)))
+        if with_logits:
+            logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return outputs, frob2, logits
+        try:
+            npt_model.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        return outputs, frob2, None
+    finally:
+        for h in handles:
+            h.remove()

@@ -3,7 +3,7 @@
     <output_dir>/checkpoints/step-00000100/
         adapter_model.safetensors, adapter_config.json   loadable with NPTModel.from_pretrained
         training_state.pt                                optimizer, loss-module weights, step, RNG
-        data_state_rank{r}.pt                            each process's data position
+        data_state.pt                                    the data position (the same on every process)
         manifest.json                                    size and sha256 of every file above
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place, and the manifest
@@ -31,9 +31,7 @@ TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def data_state_name(rank: int) -> str:
-    return f"data_state_rank{rank}.pt"
-
+DATA_STATE = "data_state.pt"
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
@@ -50,21 +48,20 @@ def staging_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f".tmp-step-{step:08d}"
 
 
-def begin_checkpoint(output_dir: Path, step: int, is_main: bool) -> Path:
-    """Main process: create an empty staging folder (other processes wait at a barrier)."""
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """An empty staging folder for the checkpoint of `step`."""
     tmp = staging_dir(output_dir, step)
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     return tmp
 
 
-def write_data_state(tmp: Path, rank: int, data_state: dict) -> None:
-    _torch_save(data_state, tmp / data_state_name(rank))
+def write_data_state(tmp: Path, data_state: dict) -> None:
+    _torch_save(data_state, tmp / DATA_STATE)
 
 
 def finish_checkpoint(output_dir: Path, step: int, npt_model: NPTModel, training_state: dict, keep: int) -> Path:
-    """Main process, after every process wrote its data state: adapters, state, manifest, rename."""
+    """Adapters, training state and manifest into the staging folder, then rename it into place."""
     tmp = staging_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
     if final.is_dir():  # this step is already saved (an interrupt right after a periodic save): same state
@@ -130,7 +127,7 @@ def verify(path: Path) -> dict:
             raise NPTError(f"Checkpoint {path}: {name} has {size} bytes, the manifest says {meta['size']} (truncated or damaged).", "Resume from an earlier checkpoint.")
         if sha256_file(f) != meta["sha256"]:
             raise NPTError(f"Checkpoint {path}: {name} does not match its checksum (damaged).", "Resume from an earlier checkpoint.")
-    for needed in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_STATE):
+    for needed in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_STATE, DATA_STATE):
         if needed not in files:
             raise NPTError(f"Checkpoint {path} lacks {needed}.", "Resume from a checkpoint written by this tool.")
     return manifest
@@ -158,11 +155,5 @@ def load_training_state(path: Path) -> dict:
     return _load(Path(path) / TRAINING_STATE, "training state")
 
 
-def load_data_state(path: Path, rank: int) -> dict:
-    f = Path(path) / data_state_name(rank)
-    if not f.is_file():
-        raise NPTError(
-            f"Checkpoint {path} has no data position for process {rank}: it was written by a run with fewer processes.",
-            "Resume with the same number of processes as the original run.",
-        )
-    return _load(f, "data state")
+def load_data_state(path: Path) -> dict:
+    return _load(Path(path) / DATA_STATE, "data state")

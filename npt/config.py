@@ -31,7 +31,7 @@ class TrainConfig:
     attn_implementation: str = _f("sdpa", "HF attention implementation of the teacher.", ["sdpa", "eager", "flash_attention_2"], group="model")
     npt_layers: str = _f("all", "Layers to convert: all, upper_half, lower_half, or indices/ranges such as '0,2,5-7'.", group="model")
     adapter_rank: int = _f(16, "Adapter bottleneck rank r (A: d_model -> r).", group="model")
-    num_ranks: int = _f(1, "Number k of rank-1 gate modulations per token (the guide: 1).", group="model")
+    num_ranks: int = _f(4, "Number k of rank-1 gate modulations per token (the guide: 1; 4 is the measured default recipe).", group="model")
     modulation_scale: float = _f(1.0, "Modulation scale s of the gate delta.", group="model")
     adapter_init: str = _f("calibrated", "calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.", ["calibrated", "default"], group="model")
     # data
@@ -62,6 +62,8 @@ class TrainConfig:
     focal_gamma: float = _f(2.0, "Focusing exponent of focal_mse.", group="loss")
     smooth_beta: float = _f(1.0, "Beta of the smooth L1 term of smooth_l1_mse.", group="loss")
     adaptive_weights_lr: float = _f(0.01, "Learning rate of the adaptive layer weights.", group="loss")
+    free_running_steps: str = _f("0.6", "Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below.", group="loss")
+    logit_kl_weight: float = _f(1.0, "Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.", group="loss")
     # optimisation
     learning_rate: float = _f(1e-2, "Peak learning rate of the adapters (AdamW).", group="optim")
     weight_decay: float = _f(0.0, "AdamW weight decay of the adapters.", group="optim")
@@ -89,6 +91,8 @@ class TrainConfig:
     seed: int = _f(0, "Random seed (adapter init, data order, gradient-penalty draws).")
     device: str = _f("auto", "auto (CUDA when present), cpu or cuda.", ["auto", "cpu", "cuda"])
     mixed_precision: str = _f("auto", "Autocast: auto (bf16 on CUDA, none on CPU), no, bf16, fp16.", ["auto", "no", "bf16", "fp16"])
+    gradient_checkpointing: bool = _f(False, "Recompute each NPT layer's student computation in backward instead of storing its activations (less memory, more compute; matters most in free-running steps).")
+    compile: bool = _f(False, "torch.compile each NPT layer's student computation (meant for CUDA; no gain measured on CPU).")
     progress: bool = _f(True, "Show the tqdm progress bar.")
 
     # ---- derived values ------------------------------------------------------------------------
@@ -114,6 +118,10 @@ class TrainConfig:
     @property
     def warmup(self) -> int:
         return self._steps(self.warmup_steps, "warmup_steps")
+
+    @property
+    def free_running(self) -> int:
+        return self._steps(self.free_running_steps, "free_running_steps")
 
     @property
     def curriculum(self) -> int:
@@ -176,13 +184,20 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"--min_lr_ratio {self.min_lr_ratio} is outside [0, 1].", "Pass e.g. 0.1.")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0, "AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
         _ = self.warmup, self.curriculum  # parse errors surface here
+        need(self.free_running <= self.max_steps, f"--free_running_steps {self.free_running_steps} exceeds --max_steps {self.max_steps}.", "Pass a count up to --max_steps or a fraction such as 0.3.")
+        need(self.logit_kl_weight >= 0, f"--logit_kl_weight {self.logit_kl_weight} is negative.", "Pass --logit_kl_weight >= 0.")
+        need(
+            self.logit_kl_weight == 0 or self.free_running > 0,
+            "--logit_kl_weight acts only in free-running steps, and --free_running_steps is 0.",
+            "Add --free_running_steps (e.g. 0.3), or drop --logit_kl_weight.",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        data = self.to_dict() | {"resolved": {"warmup_steps": self.warmup, "curriculum_steps": self.curriculum}}
+        data = self.to_dict() | {"resolved": {"warmup_steps": self.warmup, "curriculum_steps": self.curriculum, "free_running_steps": self.free_running}}
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -60,9 +60,8 @@ class DataSpec:
 class IndexedSource:
     """Documents held in memory or in a map-style dataset: a fresh permutation each epoch."""
 
-    def __init__(self, docs: Sequence, text_column: str | None, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, docs: Sequence, text_column: str | None, seed: int):
         self.docs, self.text_column, self.seed = docs, text_column, seed
-        self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
 
     def __len__(self) -> int:
@@ -80,10 +79,8 @@ class IndexedSource:
         """The rest of the current epoch; `self.pos` always counts the documents already yielded."""
         order = self._order(self.epoch)
         while self.pos < len(order):
-            i = self.pos
             self.pos += 1
-            if i % self.world_size == self.rank:
-                yield self._text(int(order[i]))
+            yield self._text(int(order[self.pos - 1]))
 
     def next_epoch(self) -> None:
         self.epoch, self.pos = self.epoch + 1, 0
@@ -108,11 +105,7 @@ class IndexedSource:
 class StreamSource:
     """A `datasets.IterableDataset`, read in order; its own state_dict gives the position."""
 
-    def __init__(self, dataset, text_column: str, rank: int = 0, world_size: int = 1):
-        if world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    def __init__(self, dataset, text_column: str):
         self.dataset, self.text_column = dataset, text_column
         self.epoch = 0
 
@@ -219,16 +212,16 @@ def _check_text_column(raw, column: str) -> None:
         )
 
 
-def open_source(spec: DataSpec, rank: int = 0, world_size: int = 1):
+def open_source(spec: DataSpec):
     import datasets
 
     raw = load_raw_dataset(spec)
     _check_text_column(raw, spec.text_column)
     if isinstance(raw, list):
-        return IndexedSource(raw, None, spec.seed, rank, world_size)
+        return IndexedSource(raw, None, spec.seed)
     if isinstance(raw, datasets.Dataset):
-        return IndexedSource(raw, spec.text_column, spec.seed, rank, world_size)
-    return StreamSource(raw, spec.text_column, rank, world_size)
+        return IndexedSource(raw, spec.text_column, spec.seed)
+    return StreamSource(raw, spec.text_column)
 
 
 # ---- tokenising and packing -------------------------------------------------------------------
@@ -292,10 +285,17 @@ class TrainStream:
     Documents are read a group at a time, tokenised and packed, and the blocks go straight into
     the shuffle buffer. Between two calls the whole position is therefore (documents read,
     leftover tokens, buffer, RNG), which is what `state_dict` saves.
+
+    With several processes, every process reads the same stream and takes its own slice of each
+    global batch of `batch_size * world_size` blocks: the processes never see the same block, and
+    a run on N processes trains on exactly the batches one process would see with the same
+    global batch (so results do not depend on the number of processes, and the data position is
+    the same on every process).
     """
 
-    def __init__(self, source, tokenizer, spec: DataSpec, batch_size: int):
+    def __init__(self, source, tokenizer, spec: DataSpec, batch_size: int, rank: int = 0, world_size: int = 1):
         self.source, self.spec, self.batch_size = source, spec, batch_size
+        self.rank, self.world_size = rank, world_size
         self.packer = Packer(tokenizer, spec.max_length)
         self.buffer: list[torch.Tensor] = []
         self.epoch_tokens = 0  # tokens packed so far in the current epoch
@@ -345,8 +345,14 @@ class TrainStream:
         self.buffer.pop()
         return block
 
-    def next_batch(self, size: int | None = None) -> torch.Tensor:
-        return torch.stack([self._next_block() for _ in range(size or self.batch_size)])
+    def next_batch(self) -> torch.Tensor:
+        """This process's slice of the next global batch."""
+        blocks = [self._next_block() for _ in range(self.batch_size * self.world_size)]
+        return torch.stack(blocks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+
+    def next_blocks(self, n: int) -> torch.Tensor:
+        """The next n blocks, the same on every process."""
+        return torch.stack([self._next_block() for _ in range(n)])
 
     def state_dict(self) -> dict:
         return {

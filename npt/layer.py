@@ -19,7 +19,9 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class NPTAdapter(nn.Module):
@@ -47,14 +49,29 @@ class NPTAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate delta s * sum_j v_f[j] (v_m[j] . x) and the per-token squared Frobenius norm of
-        s * sum_j v_f[j] v_m[j]^T (the regulariser), without forming the matrix."""
-        v_m, v_f = self.vectors(attn)
-        coef = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype))
-        delta = self.scale * torch.einsum("...k,...kf->...f", coef, v_f)
-        # ||sum_j v_f[j] v_m[j]^T||_F^2 = sum_{j,l} (v_f[j].v_f[l]) (v_m[j].v_m[l])
-        gram_m = torch.einsum("...jd,...ld->...jl", v_m, v_m)
-        gram_f = torch.einsum("...jf,...lf->...jl", v_f, v_f)
-        frob2 = self.scale**2 * (gram_m * gram_f).sum(dim=(-1, -2))
+        s * sum_j v_f[j] v_m[j]^T (the regulariser), without forming the matrix, nor even the
+        vectors v_m, v_f per token:
+
+            v_m[j] . x           = (B_m[j]^T x) . z          one GEMM over all j
+            sum_j coef_j v_f[j]  = B_f (coef (x) z)           one GEMM, (x) the outer product
+            v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
+
+        so the adapter costs O(k r (d_model + d_ffn)) per token and stores no [tokens, k, d_ffn]
+        tensor. `vectors()` gives v_m, v_f explicitly (same values)."""
+        k, r, d, f = self.num_ranks, self.rank, self.d_model, self.d_ffn
+        w_m = self.B_m.weight.view(k, d, r)
+        w_f = self.B_f.weight.view(k, f, r)
+        z = self.A(attn.to(self.A.weight.dtype))
+        xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
+        coef = (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
+        outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
+        delta = self.scale * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))
+        gram_m = torch.einsum("jdr,lds->jlrs", w_m, w_m)
+        gram_f = torch.einsum("jfr,lfs->jlrs", w_f, w_f)
+        zz = z.unsqueeze(-1) * z.unsqueeze(-2)  # [..., r, r]
+        dots_m = torch.einsum("...rs,jlrs->...jl", zz, gram_m)  # v_m[j] . v_m[l]
+        dots_f = torch.einsum("...rs,jlrs->...jl", zz, gram_f)
+        frob2 = self.scale**2 * (dots_m * dots_f).sum(dim=(-1, -2))
         return delta, frob2
 
     @torch.no_grad()
@@ -94,6 +111,9 @@ class NPTDecoderLayer(nn.Module):
         self.adapter = adapter
         self.layer_idx = layer_idx
         self.npt_enabled = True
+        # Recompute this layer's student computation in backward instead of keeping its
+        # activations (teacher-forced: the MLP and adapter; free-running: attention too).
+        self.gradient_checkpointing = False
         self._signature = inspect.signature(layer.forward)
 
     @property
@@ -108,9 +128,19 @@ class NPTDecoderLayer(nn.Module):
             bound.arguments.pop("hidden_states")
             extra = bound.arguments.pop("kwargs", {})
             kwargs = {**bound.arguments, **extra}
-        attn = self.attention(hidden_states, **kwargs)
-        out, _ = self.npt_output(hidden_states, attn)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._npt_forward, hidden_states, use_reentrant=False, **kwargs)
+        return self._npt_forward(hidden_states, **kwargs)
+
+    def _npt_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        out, _ = self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))
         return out
+
+    def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`npt_output`, recomputed in backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.npt_output, hidden_states, attn, use_reentrant=False)
+        return self.npt_output(hidden_states, attn)
 
     def attention(self, hidden_states: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         """a = SelfAttn(Norm1(h)), with the same keyword arguments the decoder layer receives."""
@@ -120,18 +150,44 @@ class NPTDecoderLayer(nn.Module):
     def npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The NPT layer's output for input h and attention output a, and the per-token
         regulariser. When h does not require grad (teacher forcing), the frozen projections
-        W_g x and W_u x record no autograd state: backward only goes through W_d, the activation
-        and the adapter."""
+        W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
+        autograd node that keeps only `gate` and `up` for its backward."""
         mlp = self.layer.mlp
         x = self.layer.post_attention_layernorm(hidden_states)
         gate = mlp.gate_proj(x)
         up = mlp.up_proj(x)
         delta, frob2 = self.adapter(x, attn)
         gate = gate + delta.to(gate.dtype)
-        out = hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
-        return out, frob2
+        if up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, or a trainable MLP
+            tail = mlp.down_proj(mlp.act_fn(gate) * up)
+        else:
+            tail = _GatedDown.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn)
+        return hidden_states + tail, frob2
 
     def gate_weight_sq_norm(self) -> torch.Tensor:
         """||W_g||_F^2, the scale against which the regulariser is measured when it is normalised."""
         return self.layer.mlp.gate_proj.weight.detach().float().pow(2).sum()
 
+
+
+class _GatedDown(torch.autograd.Function):
+    """W_d(act(gate) * up) + b_d, differentiated with respect to `gate` only.
+
+    With teacher forcing, `up` = W_u x and W_d are constants, so autograd's generic graph would
+    keep four d_ffn-wide tensors per layer (gate, act(gate), up, their product) for a gradient
+    that needs two. The activation's derivative is recomputed in backward (an elementwise op)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, act):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.act = act
+        return F.linear(act(gate) * up, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        grad_act = (grad_out @ weight.to(grad_out.dtype)).to(gate.dtype) * up
+        with torch.enable_grad():
+            g = gate.detach().requires_grad_(True)
+            (grad_gate,) = torch.autograd.grad(ctx.act(g), g, grad_act)
+        return grad_gate, None, None, None, None

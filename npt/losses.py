@@ -75,7 +75,8 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
 
 
 def normalized_mse(layer: LayerTensors, temperature: float = 1.0) -> torch.Tensor:
-    return layer.error(temperature).pow(2).mean()
+    # F.mse_loss keeps only S and T (alive anyway) for its backward, no new [tokens, d] tensor
+    return F.mse_loss(layer.student, layer.target) / (layer.energy * temperature**2)
 
 
 def cosine_distance(layer: LayerTensors, on: str = "update") -> torch.Tensor:
@@ -83,11 +84,36 @@ def cosine_distance(layer: LayerTensors, on: str = "update") -> torch.Tensor:
     dominates both vectors and compresses the signal (measured on the embedded teacher at
     initialisation: 1 - cos was 0.03-0.09 on hidden states but 0.05-0.62 on the layer updates, and
     it ranked the layers differently), so by default it is taken on the update, S - h vs T - h."""
-    if on == "update":
-        s, t = layer.student - layer.inputs, layer.target - layer.inputs
-    else:
-        s, t = layer.student, layer.target
-    return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)).mean()
+    return _CosineDistance.apply(layer.student, layer.target, layer.inputs if on == "update" else None)
+
+
+class _CosineDistance(torch.autograd.Function):
+    """mean_t (1 - cos(S_t - h_t, T_t - h_t)) (h None: cos(S_t, T_t)), differentiated w.r.t. S.
+
+    Autograd's generic graph would keep S - h, T - h and their norms, new [tokens, d] tensors per
+    layer; this keeps only S, T and h, which are alive anyway, and recomputes in backward."""
+
+    EPS = 1e-12
+
+    @staticmethod
+    def _parts(s, t, h):
+        u, v = (s, t) if h is None else (s - h, t - h)
+        nu = u.norm(dim=-1).clamp_min(_CosineDistance.EPS)
+        nv = v.norm(dim=-1).clamp_min(_CosineDistance.EPS)
+        return u, v, nu, nv, (u * v).sum(-1) / (nu * nv)
+
+    @staticmethod
+    def forward(ctx, s, t, h):
+        ctx.save_for_backward(s, t, h)
+        return (1.0 - _CosineDistance._parts(s, t, h)[-1]).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, h = ctx.saved_tensors
+        u, v, nu, nv, cos = _CosineDistance._parts(s, t, h)
+        # d cos / d u = v / (|u||v|) - cos * u / |u|^2
+        dcos = v / (nu * nv).unsqueeze(-1) - (cos / nu.pow(2)).unsqueeze(-1) * u
+        return -grad / cos.numel() * dcos, None, None
 
 
 @register_loss("mse")
@@ -148,6 +174,8 @@ class NPTLoss(nn.Module):
         regularization: torch.Tensor,
         grad_penalty: torch.Tensor | None,
         step: int,
+        logit_kl: torch.Tensor | None = None,
+        logit_kl_weight: float = 0.0,
     ) -> LossOutput:
         cfg = self.cfg
         c, temperature = self.schedule(step)
@@ -165,6 +193,8 @@ class NPTLoss(nn.Module):
         gp = grad_penalty if grad_penalty is not None else torch.zeros((), device=total.device)
         if grad_penalty is not None:
             total = total + c * cfg.gradient_penalty_lambda * grad_penalty
+        if logit_kl is not None:
+            total = total + logit_kl_weight * logit_kl
         objective = total if balance is None else total + balance
 
         with torch.no_grad():
@@ -183,6 +213,8 @@ class NPTLoss(nn.Module):
             "layer_weight": weights.detach(),
             "layer_regularization": regularization.detach(),
         }
+        if logit_kl is not None:
+            metrics["logit_kl"] = logit_kl.detach()
         if self.adaptive is not None:
             metrics["weight_temperature"] = self.adaptive.temperature.detach()
             metrics["weight_balance"] = balance.detach()

@@ -21,6 +21,7 @@ SCALAR_TAGS = {
     "total": "loss/total",
     "regularization": "loss/regularization",
     "weight_balance": "loss/weight_balance",
+    "logit_kl": "loss/logit_kl",
     "weight_temperature": "training/layer_weight_temperature",
 }
 LAYER_TAGS = {
@@ -37,20 +38,23 @@ class IntervalMeans:
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
     def pop(self, reduce=None) -> dict[str, float | list[float]]:
         """Means since the last pop; `reduce` (e.g. a cross-process mean) is applied on the device."""
-        if not self.count:
+        if not self.sums:
             return {}
         keys = sorted(self.sums)
-        flat = torch.cat([self.sums[k].reshape(-1) for k in keys]) / self.count
+        flat = torch.cat([(self.sums[k] / self.counts[k]).reshape(-1) for k in keys])
         if reduce is not None:
             flat = reduce(flat)
         values = flat.tolist()
@@ -60,7 +64,7 @@ class IntervalMeans:
             n = self.sums[k].numel()
             out[k] = values[pos] if self.sums[k].ndim == 0 else values[pos : pos + n]
             pos += n
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
         return out
 
 

@@ -292,6 +292,10 @@ class NPTModel(nn.Module):
 
     # ---- running ------------------------------------------------------------------------------
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for layer in self.npt_layers.values():
+            layer.gradient_checkpointing = enabled
+
     def set_npt_enabled(self, enabled: bool) -> None:
         for layer in self.npt_layers.values():
             layer.npt_enabled = enabled

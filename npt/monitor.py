@@ -12,6 +12,10 @@ optimizer steps). Thresholds, over the last `window` (20) logged values:
   weights_collapsing     an adaptive layer weight > 0.9 or < 0.001, or their temperature < 0.01
 
 Each sign fires once per run, is printed with the guide's remedy and is logged.
+
+Teacher-forced and free-running steps measure different errors (running freely, errors add up
+across layers), so the curves jump when the free-running phase starts. The monitor keeps the two
+phases apart: windows restart at the switch, and the healthy signs are reported per phase.
 """
 
 from __future__ import annotations
@@ -53,13 +57,20 @@ def _mean(ys: list[float]) -> float:
 class ConvergenceMonitor:
     def __init__(self, window: int = 20):
         self.window = window
-        self.history: dict[str, list[float]] = {}
+        self.history: dict[str, list[float]] = {}  # the current phase
+        self.finished: list[tuple[str, dict[str, list[float]]]] = []  # earlier phases, for the summary
+        self.phase = "teacher-forced"
         self.fired: dict[str, int] = {}
 
     def _series(self, key: str) -> list[float]:
         return self.history.get(key, [])
 
     def update(self, step: int, scalars: dict[str, float], layer_weights: list[float] | None = None, weight_temperature: float | None = None) -> list[Sign]:
+        phase = "free-running" if scalars.get("training/free_running") else "teacher-forced"
+        if phase != self.phase:
+            if self.history:
+                self.finished.append((self.phase, self.history))
+            self.phase, self.history = phase, {}
         for key in ("loss/alignment", "loss/mse", "loss/cosine", "loss/grad_penalty", "training/curriculum_factor"):
             if key in scalars:
                 self.history.setdefault(key, []).append(float(scalars[key]))
@@ -103,11 +114,22 @@ class ConvergenceMonitor:
         return signs
 
     def healthy_summary(self) -> list[str]:
-        """The guide's "healthy training signs", checked over the whole run."""
+        """The guide's "healthy training signs", checked over each phase of the run."""
+        phases = self.finished + [(self.phase, self.history)]
+        several = len([h for _, h in phases if h]) > 1
+        lines = []
+        for name, history in phases:
+            if history:
+                lines += [f"{line} [{name}]" if several else line for line in self._healthy(history)]
+        for key, step in self.fired.items():
+            lines.append(f"NO  warning sign '{key}' fired at step {step}")
+        return lines
+
+    def _healthy(self, history: dict[str, list[float]]) -> list[str]:
         lines = []
 
         def ends(key: str) -> tuple[float, float] | None:
-            ys = [y for y in self._series(key) if math.isfinite(y)]
+            ys = [y for y in history.get(key, []) if math.isfinite(y)]
             if len(ys) < 2:
                 return None
             k = max(1, len(ys) // 10)
@@ -118,9 +140,9 @@ class ConvergenceMonitor:
 
         # While the temperature falls, alignment = MSE / T^2 rises by construction: compare only
         # the values logged after the curriculum ended.
-        cf = self._series("training/curriculum_factor")
+        cf = history.get("training/curriculum_factor", [])
         done = next((i for i, c in enumerate(cf) if c >= 0.999), None)
-        align = self._series("loss/alignment")
+        align = history.get("loss/alignment", [])
         if done is not None and len(align) - done >= 2:
             tail = [y for y in align[done:] if math.isfinite(y)]
             k = max(1, len(tail) // 10)
@@ -136,16 +158,21 @@ class ConvergenceMonitor:
         g = ends("loss/grad_penalty")
         if g and g[0] > 0:
             lines.append(f"{mark(0.5 <= g[1] / g[0] <= 2.0)} gradient penalty staying relatively constant ({g[0]:.4g} -> {g[1]:.4g})")
-        if len(cf) >= 2:
+        if len(cf) >= 2 and cf[0] < 0.999:  # only in the phase the curriculum ran in
             mono = all(b >= a - 1e-12 for a, b in zip(cf, cf[1:]))
             lines.append(f"{mark(mono and cf[-1] >= 0.999)} curriculum factor smoothly increasing ({cf[0]:.3f} -> {cf[-1]:.3f})")
-        for key, step in self.fired.items():
-            lines.append(f"NO  warning sign '{key}' fired at step {step}")
         return lines
 
     def state_dict(self) -> dict:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "fired": dict(self.fired)}
+        return {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "phase": self.phase,
+            "finished": [[name, {k: list(v) for k, v in h.items()}] for name, h in self.finished],
+            "fired": dict(self.fired),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self.phase = state["phase"]
+        self.finished = [(name, {k: list(v) for k, v in h.items()}) for name, h in state["finished"]]
         self.fired = dict(state["fired"])

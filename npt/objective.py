@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import LayerRecord, capture_teacher
+from .capture import LayerRecord, capture_teacher, run_student
 from .losses import LayerTensors, LossOutput, NPTLoss
 from .model import NPTModel
 
@@ -27,13 +27,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.float().mean() if mask is None else x.float()[mask].mean()
 
 
+def softened_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """T^2 * mean over real positions of KL(softmax(t/T) || softmax(s/T)) (Hinton et al. 2015):
+    the T^2 keeps the gradient's size independent of T."""
+    t = real_tokens(teacher_logits, mask) / temperature
+    s = real_tokens(student_logits, mask) / temperature
+    log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
 class EquivalenceObjective(nn.Module):
     """Holds the NPT model and the loss module, so that DDP/FSDP see every trained parameter."""
 
-    def __init__(self, npt_model: NPTModel, loss: NPTLoss, gradient_penalty_every: int = 1, seed: int = 0):
+    def __init__(self, npt_model: NPTModel, loss: NPTLoss, gradient_penalty_every: int = 1, seed: int = 0, logit_kl_weight: float = 0.0):
         super().__init__()
         self.npt = npt_model
         self.loss = loss
+        self.logit_kl_weight = logit_kl_weight
         self.gradient_penalty_every = max(1, gradient_penalty_every)
         self.normalize = loss.cfg.normalization == "update"
         layers = npt_model.npt_config.layers
@@ -58,21 +68,39 @@ class EquivalenceObjective(nn.Module):
             energy = torch.ones((), device=s.device)
         return LayerTensors(s, t, h, energy)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        step: int = 0,
+        free_running: bool = False,
+    ) -> LossOutput:
+        """Teacher-forced (default): student layer i gets the teacher's h_i and a_i. Free-running:
+        the student runs as deployed, each NPT layer fed by the layer below, and layer i's output
+        is compared with the teacher's t_i; `logit_kl_weight` then adds the softened-target KL of
+        the next-token distributions."""
         mask = attention_mask.bool() if attention_mask is not None else None
-        records, _ = capture_teacher(self.npt, input_ids, attention_mask)
-        tensors, regs, students = {}, [], {}
-        for idx, layer in self.npt.npt_layers.items():
-            rec = records[idx]
-            student, frob2 = layer.npt_output(rec.inputs, rec.attn)
-            students[idx] = student
-            tensors[idx] = self.layer_tensors(student, rec, mask)
-            reg = masked_mean(frob2, mask)
+        use_kl = free_running and self.logit_kl_weight > 0
+        records, t_logits = capture_teacher(self.npt, input_ids, attention_mask, with_logits=use_kl)
+        if free_running:
+            students, frob2s, s_logits = run_student(self.npt, input_ids, attention_mask, with_logits=use_kl)
+        else:
+            students, frob2s = {}, {}
+            for idx, layer in self.npt.npt_layers.items():
+                students[idx], frob2s[idx] = layer.student_output(records[idx].inputs, records[idx].attn)
+        tensors, regs = {}, []
+        for idx in self.npt.npt_layers:
+            tensors[idx] = self.layer_tensors(students[idx], records[idx], mask)
+            reg = masked_mean(frob2s[idx], mask)
             regs.append(reg / self.gate_norm(idx) if self.normalize else reg)
         gp = None
         if self.loss.cfg.use_gradient_penalty:
             gp = self.gradient_penalty(records, students, tensors, mask)
-        return self.loss(list(tensors.values()), torch.stack(regs), gp, step)
+        kl = None
+        if use_kl:
+            _, temperature = self.loss.schedule(step)
+            kl = softened_kl(t_logits, s_logits, mask, temperature)
+        return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl, logit_kl_weight=self.logit_kl_weight)
 
     def gradient_penalty(
         self,

@@ -190,25 +190,30 @@ def train(cfg: TrainConfig) -> dict:
         raise NPTError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")
     npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks, cfg.modulation_scale, base_model_name_or_path=cfg.model_name or EMBEDDED_NAME)
     layers = list(npt.npt_layers)
+    npt.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.compile:
+        for layer in npt.npt_layers.values():
+            layer.npt_output = torch.compile(layer.npt_output)  # used by both teacher-forced and free-running steps
 
     # data
     spec = data_spec(cfg)
     eval_blocks = heldout_blocks(open_source(spec), tokenizer, spec)
-    stream = TrainStream(open_source(spec, rank, world), tokenizer, spec, cfg.batch_size)
+    stream = TrainStream(open_source(spec), tokenizer, spec, cfg.batch_size, rank, world)
     # Draw a first sample now: a corpus too small for one block is refused before anything is
     # written. The same fixed-size sample (not one batch, so the initialisation does not depend on
     # --batch_size) calibrates the adapters; the stream is rewound, so no training data is consumed.
     rewind = stream.state_dict()
-    sample = stream.next_batch(CALIBRATION_BLOCKS)
+    sample = stream.next_blocks(CALIBRATION_BLOCKS)
     stream.load_state_dict(rewind)
 
     # loss, objective, optimizer
     loss = NPTLoss(cfg.loss_config(), len(layers))
-    objective = EquivalenceObjective(npt, loss, cfg.gradient_penalty_every, cfg.seed)
+    objective = EquivalenceObjective(npt, loss, cfg.gradient_penalty_every, cfg.seed, cfg.logit_kl_weight)
     if cfg.use_gradient_penalty and not objective.penalty_pairs:
         raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {layers}.", "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
     optimizer = build_optimizer(cfg, npt, loss)
     state, monitor = RunState(), ConvergenceMonitor()
+    eval_history: list[dict] = []
 
     if resume is not None:
         check_resume_compatible(resume, npt)
@@ -218,9 +223,10 @@ def train(cfg: TrainConfig) -> dict:
         loss.load_state_dict(saved["loss"])
         objective.generator.set_state(saved["penalty_generator"])
         monitor.load_state_dict(saved["monitor"])
+        eval_history = list(saved["eval_history"])
         state = RunState(**saved["run"])
         torch.set_rng_state(saved["torch_rng"])
-        stream.load_state_dict(load_data_state(resume, rank))
+        stream.load_state_dict(load_data_state(resume))
         accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
     elif cfg.adapter_init == "calibrated":
         calibrate_adapters(npt, sample.to(accelerator.device))
@@ -241,17 +247,16 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.max_length * cfg.gradient_accumulation_steps * world
 
     def save(step: int) -> Path:
-        tmp = begin_checkpoint(out, step, is_main)
-        accelerator.wait_for_everyone()
-        write_data_state(tmp, rank, stream.state_dict())
-        accelerator.wait_for_everyone()
         path = None
-        if is_main:
+        if is_main:  # the data position is the same on every process (see TrainStream)
+            tmp = begin_checkpoint(out, step)
+            write_data_state(tmp, stream.state_dict())
             training_state = {
                 "optimizer": optimizer.state_dict(),
                 "loss": accelerator.unwrap_model(objective).loss.state_dict(),
                 "penalty_generator": accelerator.unwrap_model(objective).generator.get_state(),
                 "monitor": monitor.state_dict(),
+                "eval_history": eval_history,
                 "run": dataclasses.asdict(state),
                 "torch_rng": torch.get_rng_state(),
                 "config": json.loads(json.dumps(cfg.to_dict())),
@@ -265,6 +270,8 @@ def train(cfg: TrainConfig) -> dict:
         sums = evaluate_sums(npt, shard, cfg.eval_batch_size) if len(shard) else torch.zeros(4 * len(layers) + 4, dtype=torch.float64, device=accelerator.device)
         result = finalize(accelerator.reduce(sums, "sum"), layers)
         logger.scalars(step, result.scalars())
+        eval_history.append({"step": step, "rel_error_mean": result.rel_error_mean, "rel_error": result.rel_error, "kl": result.kl,
+                             "teacher_ppl": result.teacher_ppl, "student_ppl": result.student_ppl, "ppl_ratio": result.ppl_ratio})
         if is_main and cfg.num_samples:
             samples = sample_generations(npt, tokenizer, eval_blocks, cfg.num_samples)
             logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
@@ -284,12 +291,13 @@ def train(cfg: TrainConfig) -> dict:
             factor = lr_factor(state.step, cfg.warmup, cfg.max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
+            free_running = state.step >= cfg.max_steps - cfg.free_running
             window_objective = torch.zeros((), device=accelerator.device)
             window_metrics = IntervalMeans()
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = stream.next_batch().to(accelerator.device, non_blocking=True)
                 with accelerator.accumulate(objective):
-                    output = objective(batch, None, state.step)
+                    output = objective(batch, None, state.step, free_running)
                     accelerator.backward(output.objective)
                 window_objective += output.objective.detach().float()
                 window_metrics.add(output.metrics)
@@ -302,7 +310,7 @@ def train(cfg: TrainConfig) -> dict:
                 state.step += 1
                 state.consecutive_bad = 0
                 state.tokens_seen += tokens_per_step
-                step_metrics = {k: v / cfg.gradient_accumulation_steps for k, v in window_metrics.sums.items()}
+                step_metrics = window_metrics.means()
                 step_metrics["grad_norm"] = grad_norm.detach().float()
                 means.add(step_metrics)
                 bar.update(1)
@@ -337,6 +345,7 @@ def train(cfg: TrainConfig) -> dict:
                         "training/grad_norm": interval["grad_norm"],
                         "training/tokens_per_sec": (state.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9),
                         "training/skipped_steps": state.skipped_steps,
+                        "training/free_running": float(free_running),
                     }
                 )
                 logger.scalars(state.step, tags)
@@ -373,6 +382,7 @@ def train(cfg: TrainConfig) -> dict:
         "adapter_dir": str(out / "adapter"),
         "eval": dataclasses.asdict(result) | {"rel_error_mean": result.rel_error_mean, "ppl_ratio": result.ppl_ratio},
         "eval_before": None if first_eval is None else dataclasses.asdict(first_eval) | {"rel_error_mean": first_eval.rel_error_mean, "ppl_ratio": first_eval.ppl_ratio},
+        "eval_history": eval_history,
         "warnings": dict(monitor.fired),
         "healthy_signs": monitor.healthy_summary(),
     }

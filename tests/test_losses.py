@@ -252,3 +252,92 @@ def test_a_layer_with_tiny_hidden_states_still_trains(trained_teacher_dir):
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)  # every layer, the first included
     before, after = results["none"]
     assert all(abs(a - b) < 0.01 * b for a, b in zip(after, before)), (before, after)
+
+
+def test_free_running_student_chains_npt_layers_and_trains_across_layers():
+    from npt.capture import run_student
+
+    torch.manual_seed(0)
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in npt.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x = torch.randint(0, 128, (2, 10), generator=g)
+    outs, frob2, logits = run_student(npt, x, with_logits=True)
+    # by hand: each NPT layer gets the previous NPT layer's output
+    model = npt.model.model
+    h = model.embed_tokens(x)
+    pos = torch.arange(10)[None]
+    emb = model.rotary_emb(h, pos)
+    for i, layer in npt.npt_layers.items():
+        a = layer.attention(h, attention_mask=None, position_embeddings=emb, position_ids=pos)
+        h, f2 = layer.npt_output(h, a)
+        torch.testing.assert_close(outs[i], h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(frob2[i], f2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, npt(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+    # A loss on the last layer alone reaches the first layer's adapter only when running freely.
+    obj = EquivalenceObjective(npt, NPTLoss(LossConfig(loss_type="mse"), 3))
+
+    def first_adapter_grad(free: bool) -> float:
+        for p in npt.adapter_parameters():
+            p.grad = None
+        LOSSES["mse"](_last_layer_tensors(obj, x, free), obj.loss.cfg, 1.0).backward()
+        grad = npt.npt_layers[0].adapter.B_f.weight.grad
+        return 0.0 if grad is None else grad.abs().sum().item()
+
+    assert first_adapter_grad(True) > 0 and first_adapter_grad(False) == 0
+
+
+def _last_layer_tensors(obj, x, free):
+    from npt.capture import capture_teacher, run_student
+
+    records, _ = capture_teacher(obj.npt, x)
+    if free:
+        s = run_student(obj.npt, x)[0][2]
+    else:
+        s, _ = obj.npt.npt_layers[2].npt_output(records[2].inputs, records[2].attn)
+    return obj.layer_tensors(s, records[2], None)
+
+
+def test_softened_kl_against_hand_computation():
+    from npt.objective import softened_kl
+
+    t = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    s = torch.tensor([[[1.0, 1.0, -1.0], [0.0, 1.0, 0.0]]])
+    mask = torch.tensor([[True, False]])
+    for temp in (1.0, 2.0):
+        p, q = torch.softmax(t[0, 0] / temp, -1), torch.softmax(s[0, 0] / temp, -1)
+        expected = temp**2 * (p * (p.log() - q.log())).sum()
+        assert softened_kl(t, s, mask, temp).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert softened_kl(t, t, None, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_free_running_objective_adds_the_logit_kl_term():
+    torch.manual_seed(0)
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    loss = NPTLoss(LossConfig(loss_type="mse", curriculum_steps=0), 3)
+    obj = EquivalenceObjective(npt, loss, logit_kl_weight=0.5)
+    x = torch.randint(0, 128, (2, 8))
+    free = obj(x, None, step=5, free_running=True)
+    forced = obj(x, None, step=5, free_running=False)
+    assert "logit_kl" in free.metrics and "logit_kl" not in forced.metrics
+    assert free.metrics["logit_kl"].item() > 0
+    assert free.metrics["total"].item() == pytest.approx(
+        free.metrics["alignment"].item() + 0.01 * free.metrics["regularization"].item() + 0.5 * free.metrics["logit_kl"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("on", ["update", "hidden"])
+def test_cosine_distance_value_and_gradient_match_autograd(on):
+    from npt.losses import cosine_distance
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(7, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    t, h = torch.randn(7, 5, dtype=torch.float64, generator=g), torch.randn(7, 5, dtype=torch.float64, generator=g)
+    ours = cosine_distance(LayerTensors(s, t, h, torch.tensor(1.0)), on)
+    u, v = (s - h, t - h) if on == "update" else (s, t)
+    ref = (1 - torch.nn.functional.cosine_similarity(u, v, dim=-1)).mean()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, s), torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)

@@ -95,3 +95,21 @@ def test_each_sign_fires_once_and_state_round_trips():
     copy.load_state_dict(mon.state_dict())
     assert copy.update(99, rows[0]) == []  # already fired before the "resume"
     assert set(REMEDIES) == {"oscillating_loss", "grad_penalty_rising", "cosine_not_decreasing", "mse_exploding", "weights_collapsing"}
+
+
+def test_the_switch_to_free_running_is_not_an_explosion_and_phases_are_summarised_apart():
+    rows = healthy(60)
+    for k, row in enumerate(rows):
+        row["training/free_running"] = 1.0 if k >= 30 else 0.0
+        if k >= 30:  # running freely, errors add up across layers: the curves jump, then fall again
+            row["loss/mse"] *= 20 * (1 - (k - 30) / 100)
+            row["loss/alignment"] *= 20 * (1 - (k - 30) / 100)
+            row["loss/cosine"] *= 3 * (1 - (k - 30) / 100)
+    mon, fired = feed(rows)
+    assert fired == []
+    summary = mon.healthy_summary()
+    assert any(line.endswith("[teacher-forced]") for line in summary) and any(line.endswith("[free-running]") for line in summary)
+    assert all(line.startswith("ok") for line in summary), summary
+    copy = ConvergenceMonitor()
+    copy.load_state_dict(mon.state_dict())
+    assert copy.healthy_summary() == summary

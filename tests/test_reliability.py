@@ -74,13 +74,14 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "bad warmup": (["--warmup_steps", "ten"], "neither a step count nor a fraction"),
         "cuda without a gpu": (["--device", "cuda"], "no CUDA device"),
         "missing config file": (["--config", str(tmp / "nope.yaml")], "does not exist"),
+        "logit KL without free-running": (["--free_running_steps", "0", "--logit_kl_weight", "1"], "acts only in free-running steps"),
     }
 
 
 CASES = ["unknown loss type", "negative loss weight", "all-zero loss weights", "model path missing", "hub id while offline",
          "unsupported architecture", "adapter rank 0", "adapter rank > hidden", "missing layer", "dataset path missing",
          "no text column", "corpus below one block", "max_length beyond positions", "batch size 0", "bad warmup",
-         "cuda without a gpu", "missing config file"]
+         "cuda without a gpu", "missing config file", "logit KL without free-running"]
 
 
 @pytest.mark.parametrize("case", CASES)

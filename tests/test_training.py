@@ -41,9 +41,11 @@ def base_args(teacher_dir: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("loss_type", ["improved_npt", "focal_mse", "smooth_l1_mse", "mse"])
 def test_each_loss_type_trains_and_logs_the_guide_tags(tmp_path, trained_teacher_dir, loss_type):
     out = tmp_path / "run"
+    # Teacher forcing throughout: this tests the per-layer losses themselves (the free-running
+    # phase optimises another error; see the test below).
     args = base_args(trained_teacher_dir, out, "--loss_type", loss_type, "--max_steps", "40", "--warmup_steps", "0.25",
-                     "--logging_steps", "4", "--eval_steps", "20", "--learning_rate", "1e-2",
-                     "--use_adaptive_weights", "--use_gradient_penalty", "--save_steps", "20")
+                     "--logging_steps", "4", "--eval_steps", "20", "--learning_rate", "3e-3", "--free_running_steps", "0",
+                     "--logit_kl_weight", "0", "--use_adaptive_weights", "--use_gradient_penalty", "--save_steps", "20")
     assert main(args) == 0
     scalars = read_scalars(out)
     for tag in GUIDE_TAGS + ["loss/total", "loss/regularization", "training/learning_rate", "training/grad_norm",
@@ -66,6 +68,18 @@ def test_each_loss_type_trains_and_logs_the_guide_tags(tmp_path, trained_teacher
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000020", "step-00000040"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["loss_type"] == loss_type and saved["resolved"]["warmup_steps"] == 10
+
+
+def test_default_recipe_switches_to_free_running_and_lowers_the_kl(tmp_path, trained_teacher_dir):
+    out = tmp_path / "run"
+    assert main(base_args(trained_teacher_dir, out, "--max_steps", "40", "--logging_steps", "2", "--eval_steps", "0")) == 0
+    scalars = read_scalars(out)
+    free = scalars["training/free_running"]
+    assert [s for s, v in sorted(free.items()) if v == 1.0][0] == 18  # the last 60% of 40 steps: steps 17..40 (logged from 18)
+    assert all(v == 0.0 for s, v in free.items() if s <= 16)
+    assert set(scalars["loss/logit_kl"]) == {s for s, v in free.items() if v == 1.0}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["kl"] < summary["eval_before"]["kl"] and summary["eval"]["student_ppl"] < summary["eval_before"]["student_ppl"]
 
 
 def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir):
