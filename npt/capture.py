@@ -37,11 +37,13 @@ def capture_teacher(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
+    stop_early: bool = True,
 ) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
     """Run the teacher once and return {layer index: LayerRecord} (and the logits if asked).
 
     Without logits the forward stops right after the last converted layer: the layers above it,
-    the final norm and the LM head are not computed.
+    the final norm and the LM head are not computed. (`stop_early=False` under FSDP: an exception
+    must not cut through a sharded module's forward.)
     """
     layers = npt_model.npt_layers
     last = max(layers)
@@ -61,7 +63,7 @@ def capture_teacher(
             attn_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
             out = output[0] if isinstance(output, tuple) else output
             records[idx] = LayerRecord(h, attn_out.pop(idx), out, attn_kwargs)
-            if idx == last and not with_logits:
+            if idx == last and stop_early and not with_logits:
                 raise _StopForward
 
         return hook
@@ -75,7 +77,8 @@ def capture_teacher(
                 logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 return records, logits
             try:
-                npt_model.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                # through the causal LM (its call gathers sharded embeddings), one logit position at most
+                npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
             except _StopForward:
                 pass
             return records, None
@@ -90,6 +93,7 @@ def run_student(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
+    stop_early: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
     """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
     every converted layer's output, its per-token regulariser, and the logits if asked.
@@ -101,32 +105,30 @@ def run_student(
     frob2: dict[int, torch.Tensor] = {}
     handles = []
 
-    def adapter_hook(idx):
-        def hook(module, args, output):
-            frob2[idx] = output[1]
-
-        return hook
-
     def layer_hook(idx):
         def hook(module, args, output):
             outputs[idx] = output[0] if isinstance(output, tuple) else output
-            if idx == last and not with_logits:
+            frob2[idx] = module.last_regularizer
+            module.last_regularizer = None
+            if idx == last and stop_early and not with_logits:
                 raise _StopForward
 
         return hook
 
     try:
         for idx, layer in layers.items():
-            handles.append(layer.adapter.register_forward_hook(adapter_hook(idx)))
+            layer.keep_regularizer = True
             handles.append(layer.register_forward_hook(layer_hook(idx)))
         if with_logits:
             logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return outputs, frob2, logits
         try:
-            npt_model.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         except _StopForward:
             pass
         return outputs, frob2, None
     finally:
         for h in handles:
             h.remove()
+        for layer in layers.values():
+            layer.keep_regularizer = False

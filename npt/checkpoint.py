@@ -60,7 +60,7 @@ def write_data_state(tmp: Path, data_state: dict) -> None:
     _torch_save(data_state, tmp / DATA_STATE)
 
 
-def finish_checkpoint(output_dir: Path, step: int, npt_model: NPTModel, training_state: dict, keep: int) -> Path:
+def finish_checkpoint(output_dir: Path, step: int, npt_model: NPTModel, adapters: dict, training_state: dict, keep: int) -> Path:
     """Adapters, training state and manifest into the staging folder, then rename it into place."""
     tmp = staging_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
@@ -71,7 +71,7 @@ def finish_checkpoint(output_dir: Path, step: int, npt_model: NPTModel, training
             return final
         except NPTError:
             shutil.rmtree(final)  # damaged: replace it
-    npt_model.save_pretrained(tmp)
+    npt_model.save_pretrained(tmp, state_dict=adapters)
     _torch_save(training_state, tmp / TRAINING_STATE)
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     manifest = {"step": step, "files": {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}}

@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = _f(0, "Random seed (adapter init, data order, gradient-penalty draws).")
     device: str = _f("auto", "auto (CUDA when present), cpu or cuda.", ["auto", "cpu", "cuda"])
     mixed_precision: str = _f("auto", "Autocast: auto (bf16 on CUDA, none on CPU), no, bf16, fp16.", ["auto", "no", "bf16", "fp16"])
+    fsdp: bool = _f(False, "Shard the teacher's weights across processes (FSDP2) instead of replicating them (DDP); for teachers that do not fit one device. Needs several processes.")
     gradient_checkpointing: bool = _f(False, "Recompute each NPT layer's student computation in backward instead of storing its activations (less memory, more compute; matters most in free-running steps).")
     compile: bool = _f(False, "torch.compile each NPT layer's student computation (meant for CUDA; no gain measured on CPU).")
     progress: bool = _f(True, "Show the tqdm progress bar.")
@@ -184,6 +185,11 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"--min_lr_ratio {self.min_lr_ratio} is outside [0, 1].", "Pass e.g. 0.1.")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0, "AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
         _ = self.warmup, self.curriculum  # parse errors surface here
+        need(
+            not (self.fsdp and self.use_gradient_penalty),
+            "--use_gradient_penalty does not work with --fsdp: its double backward runs through layers whose weights FSDP has already freed.",
+            "Drop one of them (configs/standard.yaml and difficult.yaml turn the penalty on: add --no-use_gradient_penalty).",
+        )
         need(self.free_running <= self.max_steps, f"--free_running_steps {self.free_running_steps} exceeds --max_steps {self.max_steps}.", "Pass a count up to --max_steps or a fraction such as 0.3.")
         need(self.logit_kl_weight >= 0, f"--logit_kl_weight {self.logit_kl_weight} is negative.", "Pass --logit_kl_weight >= 0.")
         need(

@@ -100,7 +100,7 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
         records, t_logits = capture_teacher(npt_model, x, mask, with_logits=True)
         for k, (idx, layer) in enumerate(npt_model.npt_layers.items()):
             rec = records[idx]
-            s, _ = layer.npt_output(rec.inputs, rec.attn)
+            s, _ = layer(rec.inputs, npt_student_attn=rec.attn)
             s, t, h = s[real].float(), rec.outputs[real].float(), rec.inputs[real].float()
             per_layer[k, 0] += (s - t).pow(2).sum().double()
             per_layer[k, 1] += (t - h).pow(2).sum().double()

@@ -114,13 +114,24 @@ class NPTDecoderLayer(nn.Module):
         # Recompute this layer's student computation in backward instead of keeping its
         # activations (teacher-forced: the MLP and adapter; free-running: attention too).
         self.gradient_checkpointing = False
+        # Set by run_student: the NPT forward then keeps its per-token regulariser here (the
+        # decoder layer's output must stay a single tensor for HF's model loop).
+        self.keep_regularizer = False
+        self.last_regularizer: torch.Tensor | None = None
         self._signature = inspect.signature(layer.forward)
 
     @property
     def self_attn(self) -> nn.Module:
         return self.layer.self_attn
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, npt_student_attn: torch.Tensor | None = None, **kwargs):
+        """Teacher layer (npt_enabled False), NPT layer (True), or, given `npt_student_attn`, the
+        teacher-forced student output and regulariser for input h and attention output a.
+
+        The student computation goes through this module's call (not a plain method) so that a
+        sharded (FSDP) layer gathers its weights for it, and again for its backward."""
+        if npt_student_attn is not None:
+            return self.student_output(hidden_states, npt_student_attn)
         if not self.npt_enabled:
             return self.layer(hidden_states, *args, **kwargs)
         if args:  # HF passes everything but the hidden states by keyword; be safe if a model does not
@@ -133,7 +144,9 @@ class NPTDecoderLayer(nn.Module):
         return self._npt_forward(hidden_states, **kwargs)
 
     def _npt_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        out, _ = self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))
+        out, frob2 = self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))
+        if self.keep_regularizer:
+            self.last_regularizer = frob2
         return out
 
     def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,11 +254,23 @@ class NPTModel(nn.Module):
             yield from layer.adapter.parameters()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters' weights; sharded (FSDP) weights are gathered, so under FSDP every
+        process must call this."""
+        from .distributed import full_tensor
+
         return {
-            f"layers.{i}.{name}": t.detach()
+            f"layers.{i}.{name}": full_tensor(t).detach()
             for i, layer in self.npt_layers.items()
             for name, t in layer.adapter.state_dict().items()
         }
+
+    def adapter_digest(self) -> str:
+        """sha256 of the adapter weights (to check that processes hold the same adapters)."""
+        h = hashlib.sha256()
+        for key, tensor in sorted(self.adapter_state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.adapter_state_dict()
@@ -276,11 +288,12 @@ class NPTModel(nn.Module):
                 for name, param in layer.adapter.state_dict().items():
                     param.copy_(state[f"layers.{i}.{name}"])
 
-    def save_pretrained(self, save_dir: str | os.PathLike) -> Path:
-        """Write adapter_model.safetensors and adapter_config.json (adapters only, no pickle)."""
+    def save_pretrained(self, save_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write adapter_model.safetensors and adapter_config.json (adapters only, no pickle).
+        `state_dict`: adapters already gathered (under FSDP, gathering is collective)."""
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        weights = {k: v.contiguous().cpu() for k, v in (state_dict or self.adapter_state_dict()).items()}
         tmp = save_dir / (ADAPTER_WEIGHTS + ".tmp")
         save_file(weights, str(tmp), metadata={"format": "pt", "npt_format_version": str(FORMAT_VERSION)})
         _fsync(tmp)

@@ -23,6 +23,20 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.float().mean() if mask is None else x.float()[mask].mean()
 
@@ -44,6 +58,7 @@ class EquivalenceObjective(nn.Module):
         self.npt = npt_model
         self.loss = loss
         self.logit_kl_weight = logit_kl_weight
+        self.stop_early = True  # False under FSDP (see capture_teacher)
         self.gradient_penalty_every = max(1, gradient_penalty_every)
         self.normalize = loss.cfg.normalization == "update"
         layers = npt_model.npt_config.layers
@@ -51,22 +66,28 @@ class EquivalenceObjective(nn.Module):
         # Per-token interpolation weights of the gradient penalty come from this generator, which
         # is part of the training state, so a resumed run draws the same ones.
         self.generator = torch.Generator().manual_seed(seed + 4049)
-        self._gate_norms: dict[int, torch.Tensor] = {}
+        # ||W_g||_F^2 of each layer, the regulariser's scale. The weights are frozen, so this is
+        # computed once, here, while they are whole (under FSDP they are sharded afterwards).
+        self.gate_norms = {idx: layer.gate_weight_sq_norm() for idx, layer in npt_model.npt_layers.items()}
 
-    def gate_norm(self, idx: int) -> torch.Tensor:
-        if idx not in self._gate_norms:
-            self._gate_norms[idx] = self.npt.npt_layers[idx].gate_weight_sq_norm()
-        return self._gate_norms[idx]
-
-    def layer_tensors(self, student: torch.Tensor, record: LayerRecord, mask: torch.Tensor | None) -> LayerTensors:
-        s = real_tokens(student, mask)
-        t = real_tokens(record.outputs, mask)
-        h = real_tokens(record.inputs, mask)
+    def layer_tensors(self, students: dict[int, torch.Tensor], records: dict[int, LayerRecord], mask: torch.Tensor | None) -> dict[int, LayerTensors]:
+        """Real tokens of S, T, h per layer, and E = mean((T - h)^2) over the *global* batch: with
+        several processes the sums are added across them (one small all-reduce), so that the
+        loss, like the data, does not depend on how the batch is split."""
+        out = {}
+        sums = []
+        for idx, student in students.items():
+            rec = records[idx]
+            s, t, h = real_tokens(student, mask), real_tokens(rec.outputs, mask), real_tokens(rec.inputs, mask)
+            out[idx] = LayerTensors(s, t, h, torch.ones((), device=s.device))
+            if self.normalize:
+                with torch.no_grad():
+                    sums.append(torch.stack([(t - h).pow(2).sum(), torch.tensor(float(t.numel()), device=t.device)]))
         if self.normalize:
-            energy = (t - h).pow(2).mean().detach().clamp_min(1e-30)
-        else:
-            energy = torch.ones((), device=s.device)
-        return LayerTensors(s, t, h, energy)
+            totals = all_reduce_sum(torch.stack(sums))
+            for (idx, layer), (sq, count) in zip(out.items(), totals):
+                layer.energy = (sq / count).clamp_min(1e-30)
+        return out
 
     def forward(
         self,
@@ -81,18 +102,18 @@ class EquivalenceObjective(nn.Module):
         the next-token distributions."""
         mask = attention_mask.bool() if attention_mask is not None else None
         use_kl = free_running and self.logit_kl_weight > 0
-        records, t_logits = capture_teacher(self.npt, input_ids, attention_mask, with_logits=use_kl)
+        records, t_logits = capture_teacher(self.npt, input_ids, attention_mask, with_logits=use_kl, stop_early=self.stop_early)
         if free_running:
-            students, frob2s, s_logits = run_student(self.npt, input_ids, attention_mask, with_logits=use_kl)
+            students, frob2s, s_logits = run_student(self.npt, input_ids, attention_mask, with_logits=use_kl, stop_early=self.stop_early)
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():
-                students[idx], frob2s[idx] = layer.student_output(records[idx].inputs, records[idx].attn)
-        tensors, regs = {}, []
+                students[idx], frob2s[idx] = layer(records[idx].inputs, npt_student_attn=records[idx].attn)
+        tensors = self.layer_tensors(students, records, mask)
+        regs = []
         for idx in self.npt.npt_layers:
-            tensors[idx] = self.layer_tensors(students[idx], records[idx], mask)
             reg = masked_mean(frob2s[idx], mask)
-            regs.append(reg / self.gate_norm(idx) if self.normalize else reg)
+            regs.append(reg / self.gate_norms[idx] if self.normalize else reg)
         gp = None
         if self.loss.cfg.use_gradient_penalty:
             gp = self.gradient_penalty(records, students, tensors, mask)
@@ -134,15 +155,19 @@ class EquivalenceObjective(nn.Module):
             t_i = records[i].outputs
             s_i = students[i].to(t_i.dtype)
             if alpha is None:
-                a = torch.rand(t_i.shape[:-1] + (1,), generator=self.generator).to(device=t_i.device, dtype=t_i.dtype)
+                # Drawn for the global batch and sliced, so that every process (and a single
+                # process with the same global batch) uses the same draws for the same rows.
+                rank, size = world()
+                b = t_i.shape[0]
+                draws = torch.rand((b * size,) + t_i.shape[1:-1] + (1,), generator=self.generator)
+                a = draws[rank * b : (rank + 1) * b].to(device=t_i.device, dtype=t_i.dtype)
             else:
                 a = alpha.to(device=t_i.device, dtype=t_i.dtype)
             x = a * s_i + (1 - a) * t_i
             if not x.requires_grad:
                 x.requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):
-                attn = layers[j].attention(x, **records[j].attn_kwargs)
-                s_j, _ = layers[j].npt_output(x, attn)
+                s_j = layers[j](x, **records[j].attn_kwargs)  # layer j running freely on x, attention included
                 err = (s_j - records[j].outputs).float()
                 d = err.shape[-1]
                 per_token = err.pow(2).sum(-1) / (d * tensors[j].energy)

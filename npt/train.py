@@ -1,8 +1,9 @@
 """The training loop: config -> model + data -> step -> loss -> logs and checkpoints.
 
-Read it top to bottom: `train(cfg)` sets up (refusing bad input before anything is written),
-then runs optimizer steps of `gradient_accumulation_steps` micro-batches each, logging,
-evaluating and checkpointing on optimizer steps.
+`train(cfg)` reads top to bottom: `setup` builds everything and refuses bad input before anything
+is written; then the loop runs optimizer steps of `gradient_accumulation_steps` micro-batches,
+logging, evaluating and checkpointing on optimizer steps. With several processes (torchrun or
+accelerate launch) the same code runs on each: DDP by default, FSDP with `--fsdp`.
 """
 
 from __future__ import annotations
@@ -16,25 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    begin_checkpoint,
-    find_latest,
-    finish_checkpoint,
-    list_checkpoints,
-    load_data_state,
-    load_training_state,
-    verify,
-    write_data_state,
-)
+from .checkpoint import begin_checkpoint, find_latest, finish_checkpoint, list_checkpoints, load_data_state, load_training_state, verify, write_data_state
 from .config import TrainConfig
 from .data import DataSpec, TrainStream, heldout_blocks, open_source
+from .distributed import full_state_dict, full_tensor, gradient_sync, load_optimizer_state, optimizer_state, shard
 from .embedded import EMBEDDED_NAME
 from .errors import NPTError
 from .evaluate import EvalResult, evaluate_sums, finalize, sample_generations
 from .loading import load_model
 from .losses import NPTLoss
 from .metrics import IntervalMeans, TensorBoardLogger, to_tags
-from .model import NPTModel, read_adapter_config, load_adapter_weights
+from .model import NPTModel, load_adapter_weights, read_adapter_config
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
 from .schedules import lr_factor
@@ -65,7 +58,7 @@ class GracefulStop:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread)
+            except ValueError:  # not the main thread
                 pass
         return self
 
@@ -92,7 +85,9 @@ def make_accelerator(cfg: TrainConfig):
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    return Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if cfg.fsdp and mp == "fp16":
+        raise NPTError("--fsdp supports bf16 or no mixed precision, not fp16.", "Pass --mixed_precision bf16 (or no).")
+    return Accelerator(cpu=use_cpu, mixed_precision=mp)
 
 
 def resolve_output_dir(cfg: TrainConfig, accelerator) -> Path:
@@ -161,9 +156,6 @@ def build_optimizer(cfg: TrainConfig, npt_model: NPTModel, loss: NPTLoss) -> tor
     return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
-# ---- the run -----------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class RunState:
     step: int = 0  # optimizer steps taken
@@ -172,12 +164,42 @@ class RunState:
     tokens_seen: int = 0
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds; the loop only reads it and advances `state`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    out: Path
+    resume: Path | None
+    npt: NPTModel
+    tokenizer: object
+    objective: torch.nn.Module  # the training module, possibly wrapped (DDP) or sharded (FSDP)
+    loss: NPTLoss
+    optimizer: torch.optim.Optimizer
+    stream: TrainStream
+    eval_blocks: torch.Tensor
+    state: RunState
+    monitor: ConvergenceMonitor
+    eval_history: list
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.npt.npt_layers)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
     cfg.validate()
     accelerator = make_accelerator(cfg)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.fsdp and world < 2:
+        raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
     out = resolve_output_dir(cfg, accelerator)
     resume = prepare_output_dir(cfg, out)
     set_seed(cfg.seed)
@@ -189,11 +211,7 @@ def train(cfg: TrainConfig) -> dict:
     if max_pos is not None and cfg.max_length > max_pos:
         raise NPTError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")
     npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks, cfg.modulation_scale, base_model_name_or_path=cfg.model_name or EMBEDDED_NAME)
-    layers = list(npt.npt_layers)
     npt.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    if cfg.compile:
-        for layer in npt.npt_layers.values():
-            layer.npt_output = torch.compile(layer.npt_output)  # used by both teacher-forced and free-running steps
 
     # data
     spec = data_spec(cfg)
@@ -206,20 +224,16 @@ def train(cfg: TrainConfig) -> dict:
     sample = stream.next_blocks(CALIBRATION_BLOCKS)
     stream.load_state_dict(rewind)
 
-    # loss, objective, optimizer
-    loss = NPTLoss(cfg.loss_config(), len(layers))
+    # loss and objective; everything a checkpoint restores is loaded before any sharding
+    loss = NPTLoss(cfg.loss_config(), len(npt.npt_config.layers))
     objective = EquivalenceObjective(npt, loss, cfg.gradient_penalty_every, cfg.seed, cfg.logit_kl_weight)
     if cfg.use_gradient_penalty and not objective.penalty_pairs:
-        raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {layers}.", "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
-    optimizer = build_optimizer(cfg, npt, loss)
-    state, monitor = RunState(), ConvergenceMonitor()
-    eval_history: list[dict] = []
-
+        raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {npt.npt_config.layers}.", "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
+    state, monitor, eval_history, saved = RunState(), ConvergenceMonitor(), [], None
     if resume is not None:
         check_resume_compatible(resume, npt)
         npt.load_adapter_state_dict(load_adapter_weights(resume))
         saved = load_training_state(resume)
-        optimizer.load_state_dict(saved["optimizer"])
         loss.load_state_dict(saved["loss"])
         objective.generator.set_state(saved["penalty_generator"])
         monitor.load_state_dict(saved["monitor"])
@@ -227,86 +241,123 @@ def train(cfg: TrainConfig) -> dict:
         state = RunState(**saved["run"])
         torch.set_rng_state(saved["torch_rng"])
         stream.load_state_dict(load_data_state(resume))
-        accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
     elif cfg.adapter_init == "calibrated":
         calibrate_adapters(npt, sample.to(accelerator.device))
+    if cfg.compile:
+        for layer in npt.npt_layers.values():
+            layer.npt_output = torch.compile(layer.npt_output)  # used by teacher-forced and free-running steps
 
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    if is_main:
-        if cfg.overwrite_output_dir and resume is None:
+    # wrap for several processes, then the optimizer (FSDP replaces the parameters it shards)
+    if cfg.fsdp:
+        objective = shard(objective, npt, accelerator.mixed_precision)
+        optimizer = accelerator.prepare(build_optimizer(cfg, npt, loss))
+    else:
+        objective = accelerator.prepare(objective)
+        optimizer = accelerator.prepare(build_optimizer(cfg, npt, loss))
+    if saved is not None:
+        load_optimizer_state(optimizer.optimizer, objective, saved["optimizer"], cfg.fsdp)
+        accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
+    return Run(cfg, accelerator, out, resume, npt, tokenizer, objective, loss, optimizer, stream, eval_blocks, state, monitor, eval_history)
+
+
+# ---- collective pieces (every process calls them) --------------------------------------------------
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    adapters = run.npt.adapter_state_dict()
+    training_state = {
+        "optimizer": optimizer_state(run.optimizer.optimizer, run.objective, run.cfg.fsdp),
+        "loss": full_state_dict(run.loss),
+        "penalty_generator": run.accelerator.unwrap_model(run.objective).generator.get_state(),
+        "monitor": run.monitor.state_dict(),
+        "eval_history": run.eval_history,
+        "run": dataclasses.asdict(run.state),
+        "torch_rng": torch.get_rng_state(),
+        "config": json.loads(json.dumps(run.cfg.to_dict())),
+    }
+    path = run.out / "checkpoints" / f"step-{step:08d}"
+    if run.is_main:  # the data position is the same on every process (see TrainStream)
+        tmp = begin_checkpoint(run.out, step)
+        write_data_state(tmp, run.stream.state_dict())
+        path = finish_checkpoint(run.out, step, run.npt, adapters, training_state, run.cfg.save_total_limit)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def evaluate_run(run: Run, logger: TensorBoardLogger, step: int) -> EvalResult:
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    shard_blocks = run.eval_blocks[rank::world]
+    n = len(run.layers)
+    if len(shard_blocks):
+        sums = evaluate_sums(run.npt, shard_blocks, run.cfg.eval_batch_size)
+    else:
+        sums = torch.zeros(4 * n + 4, dtype=torch.float64, device=run.accelerator.device)
+    result = finalize(run.accelerator.reduce(sums, "sum"), run.layers)
+    logger.scalars(step, result.scalars())
+    run.eval_history.append({"step": step, "rel_error_mean": result.rel_error_mean, "rel_error": result.rel_error, "kl": result.kl,
+                             "teacher_ppl": result.teacher_ppl, "student_ppl": result.student_ppl, "ppl_ratio": result.ppl_ratio})
+    if run.cfg.num_samples and (run.is_main or run.cfg.fsdp):  # sharded layers need every process
+        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, run.cfg.num_samples)
+        logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
+    return result
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    cfg, accelerator, state, monitor = run.cfg, run.accelerator, run.state, run.monitor
+    world = accelerator.num_processes
+    if run.is_main:
+        if cfg.overwrite_output_dir and run.resume is None:
             for f in RUN_FILES:
-                shutil.rmtree(out / f, ignore_errors=True) if (out / f).is_dir() else (out / f).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg_saved = dataclasses.replace(cfg, output_dir=str(out))
-        cfg_saved.save(out / "config.json")
+                target = run.out / f
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        run.out.mkdir(parents=True, exist_ok=True)
+        dataclasses.replace(cfg, output_dir=str(run.out)).save(run.out / "config.json")
     accelerator.wait_for_everyone()
     # On resume, events a crashed run logged after its checkpoint are hidden (purge_step).
-    logger = TensorBoardLogger(out / "tensorboard" if is_main else None, purge_step=state.step + 1 if resume else None)
+    logger = TensorBoardLogger(run.out / "tensorboard" if run.is_main else None, purge_step=state.step + 1 if run.resume else None)
     means = IntervalMeans()
-    adapter_params = list(npt.adapter_parameters())
+    adapter_params = list(run.npt.adapter_parameters())
     tokens_per_step = cfg.batch_size * cfg.max_length * cfg.gradient_accumulation_steps * world
-
-    def save(step: int) -> Path:
-        path = None
-        if is_main:  # the data position is the same on every process (see TrainStream)
-            tmp = begin_checkpoint(out, step)
-            write_data_state(tmp, stream.state_dict())
-            training_state = {
-                "optimizer": optimizer.state_dict(),
-                "loss": accelerator.unwrap_model(objective).loss.state_dict(),
-                "penalty_generator": accelerator.unwrap_model(objective).generator.get_state(),
-                "monitor": monitor.state_dict(),
-                "eval_history": eval_history,
-                "run": dataclasses.asdict(state),
-                "torch_rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(cfg.to_dict())),
-            }
-            path = finish_checkpoint(out, step, npt, training_state, cfg.save_total_limit)
-        accelerator.wait_for_everyone()
-        return path or Path(out) / "checkpoints" / f"step-{step:08d}"
-
-    def run_eval(step: int) -> EvalResult:
-        shard = eval_blocks[rank::world]
-        sums = evaluate_sums(npt, shard, cfg.eval_batch_size) if len(shard) else torch.zeros(4 * len(layers) + 4, dtype=torch.float64, device=accelerator.device)
-        result = finalize(accelerator.reduce(sums, "sum"), layers)
-        logger.scalars(step, result.scalars())
-        eval_history.append({"step": step, "rel_error_mean": result.rel_error_mean, "rel_error": result.rel_error, "kl": result.kl,
-                             "teacher_ppl": result.teacher_ppl, "student_ppl": result.student_ppl, "ppl_ratio": result.ppl_ratio})
-        if is_main and cfg.num_samples:
-            samples = sample_generations(npt, tokenizer, eval_blocks, cfg.num_samples)
-            logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
-        return result
+    ga = cfg.gradient_accumulation_steps
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="NPT pre-training", disable=not (is_main and cfg.progress), dynamic_ncols=True)
-    first_eval = run_eval(state.step) if resume is None else None
-    if first_eval is not None and is_main:
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="NPT pre-training", disable=not (run.is_main and cfg.progress), dynamic_ncols=True)
+    first_eval = evaluate_run(run, logger, state.step) if run.resume is None else None
+    if first_eval is not None:
         accelerator.print(f"[npt] before training: mean rel error {first_eval.rel_error_mean:.4f}, KL {first_eval.kl:.4f}, perplexity teacher {first_eval.teacher_ppl:.2f} / student {first_eval.student_ppl:.2f}")
     last_log_time, last_log_step = time.perf_counter(), state.step
-    result: EvalResult | None = None
 
     with GracefulStop() as stopper:
         while state.step < cfg.max_steps:
             factor = lr_factor(state.step, cfg.warmup, cfg.max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             free_running = state.step >= cfg.max_steps - cfg.free_running
             window_objective = torch.zeros((), device=accelerator.device)
             window_metrics = IntervalMeans()
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = stream.next_batch().to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(objective):
-                    output = objective(batch, None, state.step, free_running)
-                    accelerator.backward(output.objective)
+            for micro in range(ga):
+                batch = run.stream.next_batch().to(accelerator.device, non_blocking=True)
+                # gradients are synchronised across processes on the window's last micro-batch only
+                with gradient_sync(run.objective, accelerator, sync=micro == ga - 1):
+                    with accelerator.autocast():
+                        output = run.objective(batch, None, state.step, free_running)
+                    accelerator.backward(output.objective / ga)
                 window_objective += output.objective.detach().float()
                 window_metrics.add(output.metrics)
-            grad_norm = accelerator.clip_grad_norm_(adapter_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norm = full_tensor(accelerator.clip_grad_norm_(adapter_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
             check = accelerator.reduce(torch.stack([window_objective, grad_norm.float().to(window_objective.device)]), "sum")
             loss_ok, grad_ok = torch.isfinite(check).tolist()  # the one host sync per optimizer step
             finite = loss_ok and grad_ok
             if finite:
-                optimizer.step()
+                run.optimizer.step()
                 state.step += 1
                 state.consecutive_bad = 0
                 state.tokens_seen += tokens_per_step
@@ -315,33 +366,32 @@ def train(cfg: TrainConfig) -> dict:
                 means.add(step_metrics)
                 bar.update(1)
             elif loss_ok and accelerator.mixed_precision == "fp16":
-                optimizer.step()  # fp16 overflow: the grad scaler skips this update and lowers its scale
+                run.optimizer.step()  # fp16 overflow: the grad scaler skips this update and lowers its scale
             else:
                 state.skipped_steps += 1
                 state.consecutive_bad += 1
                 logger.scalars(state.step, {"training/skipped_steps": state.skipped_steps})
                 accelerator.print(f"[npt] step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a row, {state.skipped_steps} in total)")
                 if state.consecutive_bad >= cfg.max_bad_steps:
-                    optimizer.zero_grad(set_to_none=True)
-                    last = list_checkpoints(out)
+                    run.optimizer.zero_grad(set_to_none=True)
+                    last = list_checkpoints(run.out)
                     where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
                     raise TooManyBadSteps(
                         f"{state.consecutive_bad} consecutive steps had a non-finite loss or gradient (step {state.step}); {where}.",
                         "Reduce --learning_rate, lower --max_grad_norm (e.g. 0.5), disable --use_gradient_penalty, check the teacher's outputs for extreme values, then resume.",
                     )
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
 
             if finite and (state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps):
                 now = time.perf_counter()
                 interval = means.pop(reduce=lambda t: accelerator.reduce(t, "mean"))
-                tags = to_tags(interval, layers)
-                unwrapped = accelerator.unwrap_model(objective)
-                c, temperature = unwrapped.loss.schedule(state.step)
+                tags = to_tags(interval, run.layers)
+                c, temperature = run.loss.schedule(state.step)
                 tags.update(
                     {
                         "training/curriculum_factor": c,
                         "training/temperature": temperature,
-                        "training/learning_rate": optimizer.param_groups[0]["lr"],
+                        "training/learning_rate": run.optimizer.param_groups[0]["lr"],
                         "training/grad_norm": interval["grad_norm"],
                         "training/tokens_per_sec": (state.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9),
                         "training/skipped_steps": state.skipped_steps,
@@ -360,34 +410,53 @@ def train(cfg: TrainConfig) -> dict:
             stop = torch.tensor([float(stopper.signum or 0)], device=accelerator.device)
             signum = int(accelerator.reduce(stop, "max").item()) if world > 1 else int(stop.item())
             if signum:
-                path = save(state.step)
+                path = save_checkpoint(run, state.step)
                 logger.close()
                 bar.close()
                 raise Interrupted(signum, path)
             if finite and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_steps:
-                result = run_eval(state.step)
-                if is_main:
+                result = evaluate_run(run, logger, state.step)
+                if run.is_main:
                     bar.write(f"[npt] step {state.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, perplexity ratio {result.ppl_ratio:.3f}")
             if finite and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
-                save(state.step)
+                save_checkpoint(run, state.step)
     bar.close()
+    return finish(run, logger, first_eval)
 
-    result = run_eval(state.step)
-    final_ckpt = save(state.step)
+
+def finish(run: Run, logger: TensorBoardLogger, first_eval: EvalResult | None) -> dict:
+    """Final evaluation, checkpoint and adapters; the summary (printed and saved)."""
+    accelerator, state, out = run.accelerator, run.state, run.out
+    result = evaluate_run(run, logger, state.step)
+    final_ckpt = save_checkpoint(run, state.step)
+    adapters = run.npt.adapter_state_dict()
+    digests = [run.npt.adapter_digest()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        digests = gather_object(digests)
+        if len(set(digests)) > 1:
+            accelerator.print(f"[npt] WARNING: the processes hold different adapters ({digests}); the saved ones are process 0's. This is a bug: please report it.")
+
+    def described(r: EvalResult | None) -> dict | None:
+        return None if r is None else dataclasses.asdict(r) | {"rel_error_mean": r.rel_error_mean, "ppl_ratio": r.ppl_ratio}
+
     summary = {
         "output_dir": str(out),
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "checkpoint": str(final_ckpt),
         "adapter_dir": str(out / "adapter"),
-        "eval": dataclasses.asdict(result) | {"rel_error_mean": result.rel_error_mean, "ppl_ratio": result.ppl_ratio},
-        "eval_before": None if first_eval is None else dataclasses.asdict(first_eval) | {"rel_error_mean": first_eval.rel_error_mean, "ppl_ratio": first_eval.ppl_ratio},
-        "eval_history": eval_history,
-        "warnings": dict(monitor.fired),
-        "healthy_signs": monitor.healthy_summary(),
+        "eval": described(result),
+        "eval_before": described(first_eval),
+        "eval_history": run.eval_history,
+        "processes": accelerator.num_processes,
+        "adapter_sha256_per_process": digests,
+        "warnings": dict(run.monitor.fired),
+        "healthy_signs": run.monitor.healthy_summary(),
     }
-    if is_main:
-        npt.save_pretrained(out / "adapter")
+    if run.is_main:
+        run.npt.save_pretrained(out / "adapter", state_dict=adapters)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print("\nHeld-out evaluation after training:\n" + result.table())
         accelerator.print("\nThe guide's healthy-training signs:\n" + "\n".join("  " + line for line in summary["healthy_signs"]))

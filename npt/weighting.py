@@ -30,11 +30,12 @@ class AdaptiveLayerWeights(nn.Module):
         super().__init__()
         self.layer_weights = nn.Parameter(torch.ones(num_layers))
         # temperature = exp(log_temperature) stays positive whatever the optimizer does (init 1.0).
-        self.log_temperature = nn.Parameter(torch.zeros(()))
+        # One element, not a scalar: FSDP cannot shard 0-dim parameters.
+        self.log_temperature = nn.Parameter(torch.zeros(1))
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp()
+        return self.log_temperature.exp()[0]
 
     def log_weights(self) -> torch.Tensor:
         return F.log_softmax(self.layer_weights / self.temperature, dim=0)

@@ -162,10 +162,8 @@ def _penalty(obj, x, alpha=None):
     from npt.capture import capture_teacher
 
     records, _ = capture_teacher(obj.npt, x)
-    students, tensors = {}, {}
-    for i, lay in obj.npt.npt_layers.items():
-        students[i], _ = lay.npt_output(records[i].inputs, records[i].attn)
-        tensors[i] = obj.layer_tensors(students[i], records[i], None)
+    students = {i: lay.npt_output(records[i].inputs, records[i].attn)[0] for i, lay in obj.npt.npt_layers.items()}
+    tensors = obj.layer_tensors(students, records, None)
     return obj.gradient_penalty(records, students, tensors, None, alpha), tensors
 
 
@@ -298,7 +296,7 @@ def _last_layer_tensors(obj, x, free):
         s = run_student(obj.npt, x)[0][2]
     else:
         s, _ = obj.npt.npt_layers[2].npt_output(records[2].inputs, records[2].attn)
-    return obj.layer_tensors(s, records[2], None)
+    return obj.layer_tensors({2: s}, records, None)[2]
 
 
 def test_softened_kl_against_hand_computation():
