@@ -146,6 +146,23 @@ class TrainConfig:
             curriculum_steps=self.curriculum,
         )
 
+    def data_spec(self):
+        from .data import DataSpec
+
+        return DataSpec(
+            dataset_name=self.dataset_name,
+            dataset_config=self.dataset_config,
+            data_files=self.data_files,
+            dataset_split=self.dataset_split,
+            text_column=self.text_column,
+            streaming=self.streaming,
+            max_length=self.max_length,
+            eval_fraction=self.eval_fraction,
+            eval_blocks=self.eval_blocks,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+        )
+
     # ---- validation ----------------------------------------------------------------------------
 
     def validate(self) -> "TrainConfig":

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import begin_checkpoint, find_latest, finish_checkpoint, list_checkpoints, load_data_state, load_training_state, verify, write_data_state
 from .config import TrainConfig
-from .data import DataSpec, TrainStream, heldout_blocks, open_source
+from .data import TrainStream, heldout_blocks, open_source
 from .distributed import full_state_dict, full_tensor, gradient_sync, load_optimizer_state, optimizer_state, shard
 from .embedded import EMBEDDED_NAME
 from .errors import NPTError
@@ -133,22 +133,6 @@ def check_resume_compatible(ckpt: Path, npt_model: NPTModel) -> None:
         raise NPTError(f"Checkpoint {ckpt} belongs to another model or adapter shape ({detail}).", "Resume with the original --model_name, --npt_layers, --adapter_rank and --num_ranks, or start a new --output_dir.")
 
 
-def data_spec(cfg: TrainConfig) -> DataSpec:
-    return DataSpec(
-        dataset_name=cfg.dataset_name,
-        dataset_config=cfg.dataset_config,
-        data_files=cfg.data_files,
-        dataset_split=cfg.dataset_split,
-        text_column=cfg.text_column,
-        streaming=cfg.streaming,
-        max_length=cfg.max_length,
-        eval_fraction=cfg.eval_fraction,
-        eval_blocks=cfg.eval_blocks,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-    )
-
-
 def build_optimizer(cfg: TrainConfig, npt_model: NPTModel, loss: NPTLoss) -> torch.optim.Optimizer:
     groups = [{"params": list(npt_model.adapter_parameters()), "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "base_lr": cfg.learning_rate}]
     if loss.adaptive is not None:
@@ -214,7 +198,7 @@ def setup(cfg: TrainConfig) -> Run:
     npt.set_gradient_checkpointing(cfg.gradient_checkpointing)
 
     # data
-    spec = data_spec(cfg)
+    spec = cfg.data_spec()
     eval_blocks = heldout_blocks(open_source(spec), tokenizer, spec)
     stream = TrainStream(open_source(spec), tokenizer, spec, cfg.batch_size, rank, world)
     # Draw a first sample now: a corpus too small for one block is refused before anything is

@@ -48,6 +48,14 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def randomize_adapters(npt, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every adapter weight a random value (a fresh adapter has B_f = 0: attention dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in npt.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory) -> Path:
     """A small Llama teacher with its own tokenizer, trained on the embedded corpus, saved to disk

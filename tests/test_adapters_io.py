@@ -6,22 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 
 from npt.errors import NPTError
 from npt.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NPTModel
 
 
-def _randomize(npt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in npt.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def test_round_trip_onto_a_given_base_model_is_exact(tmp_path):
     npt = NPTModel.convert(tiny_model(seed=4), "0,2", rank=3, num_ranks=2, modulation_scale=0.5)
-    _randomize(npt)
+    randomize_adapters(npt, scale=0.2)
     npt.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
@@ -38,7 +31,7 @@ def test_round_trip_onto_a_given_base_model_is_exact(tmp_path):
 def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, trained_teacher):
     model, _ = trained_teacher
     npt = NPTModel.convert(model, "all", rank=4)
-    _randomize(npt, 1)
+    randomize_adapters(npt, 1, scale=0.2)
     assert npt.npt_config.base_model_name_or_path.endswith("tiny-teacher")
     npt.save_pretrained(tmp_path / "adapter")
     loaded = NPTModel.from_pretrained(tmp_path / "adapter")  # no base model given: loaded from the config

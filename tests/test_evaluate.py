@@ -7,23 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 
 from npt.capture import capture_teacher
 from npt.evaluate import evaluate, sample_generations
 from npt.model import NPTModel
 
 
-def _randomize(npt, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in npt.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 def test_evaluation_matches_a_hand_computation_with_padding():
     npt = NPTModel.convert(tiny_model(seed=1), "0,2", rank=4)
-    _randomize(npt)
+    randomize_adapters(npt)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, 128, (5, 12), generator=g)
     mask = torch.ones_like(x)
@@ -62,7 +55,7 @@ def test_evaluation_matches_a_hand_computation_with_padding():
 
 def test_zeroed_adapters_give_the_attention_dropped_models_perplexity():
     npt = NPTModel.convert(tiny_model(seed=2), "all", rank=4)
-    _randomize(npt, seed=3)
+    randomize_adapters(npt, seed=3)
     with torch.no_grad():
         for layer in npt.npt_layers.values():
             layer.adapter.B_f.weight.zero_()  # no modulation: the NPT layer is h + MLP(Norm2(h))
@@ -83,7 +76,7 @@ def test_sample_generations_show_teacher_and_student():
 
     tok = train_tokenizer(["some text to learn a few merges from"] * 20, 128)
     npt = NPTModel.convert(tiny_model(seed=3, vocab_size=len(tok)), "all", rank=4)
-    _randomize(npt, seed=4, scale=1.0)
+    randomize_adapters(npt, seed=4, scale=1.0)
     blocks = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
     samples = sample_generations(npt, tok, blocks, num=2, prompt_len=8, new_tokens=6)
     assert len(samples) == 2 and all(set(s) == {"prompt", "teacher", "student"} for s in samples)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 
 from npt.config import TrainConfig
 from npt.errors import NPTError
@@ -147,13 +147,10 @@ def test_adaptive_weights_do_not_touch_adapter_gradients():
     assert loss.adaptive.layer_weights.grad.abs().sum() > 0
 
 
-def _objective(batch_repeat: int = 1, seq: int = 12, seed: int = 0):
+def _objective(seed: int = 0):
     torch.manual_seed(0)
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in npt.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_adapters(npt, seed=5, scale=0.2)
     loss = NPTLoss(LossConfig(loss_type="mse", use_gradient_penalty=True), 3)
     return EquivalenceObjective(npt, loss, seed=seed)
 
@@ -257,11 +254,8 @@ def test_free_running_student_chains_npt_layers_and_trains_across_layers():
 
     torch.manual_seed(0)
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in npt.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    x = torch.randint(0, 128, (2, 10), generator=g)
+    randomize_adapters(npt, seed=7, scale=0.2)
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))
     outs, frob2, logits = run_student(npt, x, with_logits=True)
     # by hand: each NPT layer gets the previous NPT layer's output
     model = npt.model.model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import randomize_adapters, tiny_model
 
 from npt.capture import capture_teacher
 from npt.errors import NPTError, UnsupportedArchitectureError
@@ -159,16 +159,9 @@ def _student_outputs(npt, x, mask=None):
     return {i: layer.npt_output(records[i].inputs, records[i].attn)[0] for i, layer in npt.npt_layers.items()}
 
 
-def _random_adapters(npt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in npt.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def test_causality_teacher_forced_and_free_running():
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    _random_adapters(npt)
+    randomize_adapters(npt)
     x = torch.randint(0, 128, (2, 10))
     y = x.clone()
     y[:, 6:] = (y[:, 6:] + 17) % 128  # change only later tokens
@@ -184,7 +177,7 @@ def test_causality_teacher_forced_and_free_running():
 
 def test_padding_changes_nothing_for_real_tokens():
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    _random_adapters(npt, seed=1)
+    randomize_adapters(npt, seed=1)
     x = torch.randint(1, 128, (1, 7))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)  # left padding
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
@@ -207,7 +200,7 @@ def test_padding_changes_nothing_for_real_tokens():
 
 def test_free_running_generate_uses_npt_layers_and_cache():
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    _random_adapters(npt, seed=2)
+    randomize_adapters(npt, seed=2)
     prompt = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
         cached = npt.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True)
@@ -222,7 +215,7 @@ def test_free_running_generate_uses_npt_layers_and_cache():
 def test_fused_mlp_tail_gradient_equals_autograds():
     torch.manual_seed(0)
     npt = NPTModel.convert(tiny_model(), "all", rank=4, num_ranks=2)
-    _random_adapters(npt, seed=5)
+    randomize_adapters(npt, seed=5)
     layer = npt.npt_layers[1]
     h, attn = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
     out, _ = layer.npt_output(h, attn)  # h needs no grad: the fused path
@@ -248,7 +241,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(free_running):
     grads = []
     for ckpt in (False, True):
         npt = NPTModel.convert(tiny_model(seed=6), "all", rank=4, num_ranks=2)
-        _random_adapters(npt, seed=8)
+        randomize_adapters(npt, seed=8)
         npt.set_gradient_checkpointing(ckpt)
         obj = EquivalenceObjective(npt, NPTLoss(LossConfig(), 3))
         obj(x, None, step=10**6, free_running=free_running).objective.backward()
