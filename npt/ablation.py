@@ -103,12 +103,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for row in rows:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colors = plt.cm.tab20.colors
+    for n, row in enumerate(rows):
         hist = row["summary"]["eval_history"]
         steps = [h["step"] for h in hist]
-        ax1.plot(steps, [h["rel_error_mean"] for h in hist], marker="o", ms=3, label=row["variant"])
-        ax2.plot(steps, [h["ppl_ratio"] for h in hist], marker="o", ms=3, label=row["variant"])
+        # 20 colours, and dashes after the first 10 so that neighbouring colours stay apart
+        style = {"color": colors[n % len(colors)], "linestyle": "-" if n < 10 else "--", "marker": "osD^v<>"[n % 7], "ms": 3, "label": row["variant"]}
+        ax1.plot(steps, [h["rel_error_mean"] for h in hist], **style)
+        ax2.plot(steps, [h["ppl_ratio"] for h in hist], **style)
     ax1.set(xlabel="optimizer step", ylabel="held-out mean relative error ||S-T|| / ||T-h||", title="Teacher-forced layer error")
     ax2.set(xlabel="optimizer step", ylabel="student / teacher perplexity (free-running)", title="Free-running perplexity ratio", yscale="log")
     ax1.grid(alpha=0.3)

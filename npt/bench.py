@@ -297,7 +297,8 @@ def step_flops(spec: BenchSpec) -> dict[str, float]:
 def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None) -> str:
     tokens = spec.batch_size * spec.seq_len
     lines = [
-        f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, r={spec.rank}, k={spec.num_ranks}, {spec.device}, {spec.dtype})",
+        f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, r={spec.rank}, k={spec.num_ranks}, {spec.device}, {spec.dtype}"
+        f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | peak memory (MB) |",
         "|---|---|---|---|---|",

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_ranks", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="the project step with --gradient_checkpointing")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no_memory", action="store_true", help="skip the per-contender memory processes")
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         small = shape == "embedded"
         spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
-                         rank=args.adapter_rank, num_ranks=args.num_ranks, device=args.device, dtype=dtype)
+                         rank=args.adapter_rank, num_ranks=args.num_ranks, device=args.device, dtype=dtype,
+                         gradient_checkpointing=args.gradient_checkpointing)
         times = time_contenders(spec, args.rounds, args.steps)
         memory = None if args.no_memory else {k: measure_memory(spec, k) for k in ("teacher", "project", "original")}
         print(report(spec, times, memory))

@@ -44,9 +44,10 @@ def launch(launcher: str, args: list[str]) -> subprocess.CompletedProcess:
 def single_runs(trained_teacher_dir, tmp_path_factory):
     """Single-process references with the global batch of 4 blocks, with and without the penalty."""
     out = {}
-    for name, extra in (("penalty", ["--use_gradient_penalty"]), ("plain", [])):
+    for name, extra in (("penalty", ["--use_gradient_penalty", "--batch_size", "4"]), ("plain", ["--batch_size", "4"]),
+                        ("accumulated", ["--batch_size", "2", "--gradient_accumulation_steps", "2"])):
         path = tmp_path_factory.mktemp("single") / name
-        assert main(["--model_name", str(trained_teacher_dir), *COMMON, *extra, "--batch_size", "4", "--output_dir", str(path)]) == 0
+        assert main(["--model_name", str(trained_teacher_dir), *COMMON, *extra, "--output_dir", str(path)]) == 0
         out[name] = path
     return out
 
@@ -68,6 +69,14 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir,
     run = tmp_path / "ddp"
     launch(launcher, ["--model_name", str(trained_teacher_dir), *COMMON, "--use_gradient_penalty", "--batch_size", "2", "--output_dir", str(run)])
     _compare(run, single_runs["penalty"], atol=1e-4)
+
+
+def test_ddp_accumulation_syncs_once_per_window_and_matches_one_process(tmp_path, trained_teacher_dir, single_runs):
+    # 2 processes x 1 block x 2 micro-batches: the same global micro-batches as 1 process x 2 blocks x 2
+    run = tmp_path / "ddp-accumulated"
+    launch("torchrun", ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "1", "--gradient_accumulation_steps", "2",
+                        "--output_dir", str(run)])
+    _compare(run, single_runs["accumulated"], atol=1e-4)
 
 
 def test_fsdp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir, single_runs):
