@@ -38,11 +38,13 @@ def capture_teacher(
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
     stop_early: bool = True,
+    with_final_hidden: bool = False,
 ) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
-    """Run the teacher once and return {layer index: LayerRecord} (and the logits if asked).
+    """Run the teacher once and return {layer index: LayerRecord} and, if asked, the logits or
+    the final hidden state (after the final norm, before the LM head; see `_final_hidden`).
 
-    Without logits the forward stops right after the last converted layer: the layers above it,
-    the final norm and the LM head are not computed. (`stop_early=False` under FSDP: an exception
+    Otherwise the forward stops right after the last converted layer: the layers above it, the
+    final norm and the LM head are not computed. (`stop_early=False` under FSDP: an exception
     must not cut through a sharded module's forward.)
     """
     layers = npt_model.npt_layers
@@ -63,7 +65,7 @@ def capture_teacher(
             attn_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
             out = output[0] if isinstance(output, tuple) else output
             records[idx] = LayerRecord(h, attn_out.pop(idx), out, attn_kwargs)
-            if idx == last and stop_early and not with_logits:
+            if idx == last and stop_early and not (with_logits or with_final_hidden):
                 raise _StopForward
 
         return hook
@@ -76,6 +78,8 @@ def capture_teacher(
             if with_logits:
                 logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                 return records, logits
+            if with_final_hidden:
+                return records, _final_hidden(npt_model, input_ids, attention_mask)
             try:
                 # through the causal LM (its call gathers sharded embeddings), one logit position at most
                 npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
@@ -94,11 +98,13 @@ def run_student(
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
     stop_early: bool = True,
+    with_final_hidden: bool = False,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
     """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
-    every converted layer's output, its per-token regulariser, and the logits if asked.
+    every converted layer's output, its per-token regulariser, and, if asked, the logits or the
+    final hidden state.
 
-    Without logits the forward stops after the last converted layer."""
+    Otherwise the forward stops after the last converted layer."""
     layers = npt_model.npt_layers
     last = max(layers)
     outputs: dict[int, torch.Tensor] = {}
@@ -110,7 +116,7 @@ def run_student(
             outputs[idx] = output[0] if isinstance(output, tuple) else output
             frob2[idx] = module.last_regularizer
             module.last_regularizer = None
-            if idx == last and stop_early and not with_logits:
+            if idx == last and stop_early and not (with_logits or with_final_hidden):
                 raise _StopForward
 
         return hook
@@ -122,6 +128,8 @@ def run_student(
         if with_logits:
             logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return outputs, frob2, logits
+        if with_final_hidden:
+            return outputs, frob2, _final_hidden(npt_model, input_ids, attention_mask)
         try:
             npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         except _StopForward:
@@ -132,3 +140,10 @@ def run_student(
             h.remove()
         for layer in layers.values():
             layer.keep_regularizer = False
+
+
+def _final_hidden(npt_model: NPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last hidden state after the final norm: the LM head's input. The base model's
+    `last_hidden_state` is exactly what the causal LM feeds its head."""
+    out = npt_model.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state

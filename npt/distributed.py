@@ -43,6 +43,7 @@ def shard(objective: nn.Module, npt_model, mixed_precision: str) -> nn.Module:
     if objective.loss.adaptive is not None:
         fully_shard(objective.loss, **kwargs)
     objective.stop_early = False
+    objective.fused_kl = False
     return objective
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .capture import capture_teacher
 from .model import NPTModel
+from .objective import kl_chunk_tokens
 
-LOGIT_CHUNK = 4096  # positions per chunk when turning logits into KL/NLL (bounds memory for big vocabularies)
 
 
 @dataclasses.dataclass
@@ -68,16 +68,20 @@ class EvalResult:
         return "\n".join(rows)
 
 
-def _logit_terms(t_logits: torch.Tensor, s_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Sums of KL(teacher||student), teacher NLL and student NLL over valid positions."""
-    sums = torch.zeros(3, dtype=torch.float64, device=t_logits.device)
-    t_flat, s_flat = t_logits.reshape(-1, t_logits.shape[-1]), s_logits.reshape(-1, s_logits.shape[-1])
+def _logit_terms(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, head=None) -> torch.Tensor:
+    """Sums of KL(teacher||student), teacher NLL and student NLL over valid positions. `t_out`
+    and `s_out` are logits, or final hidden states when `head` is given: the logits are then
+    formed chunk by chunk and never held whole ([tokens, vocab] is gigabytes for a 128k vocabulary)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=t_out.device)
+    t_flat, s_flat = t_out.reshape(-1, t_out.shape[-1]), s_out.reshape(-1, s_out.shape[-1])
     y, v = labels.reshape(-1), valid.reshape(-1)
-    for start in range(0, y.numel(), LOGIT_CHUNK):
-        sl = slice(start, start + LOGIT_CHUNK)
+    logits = head or (lambda z: z)
+    chunk = kl_chunk_tokens(head.weight.shape[0] if head is not None else t_out.shape[-1], t_out.device)
+    for start in range(0, y.numel(), chunk):
+        sl = slice(start, start + chunk)
         keep = v[sl]
-        lt = F.log_softmax(t_flat[sl][keep].float(), dim=-1)
-        ls = F.log_softmax(s_flat[sl][keep].float(), dim=-1)
+        lt = F.log_softmax(logits(t_flat[sl][keep]).float(), dim=-1)
+        ls = F.log_softmax(logits(s_flat[sl][keep]).float(), dim=-1)
         yy = y[sl][keep]
         sums[0] += (lt.exp() * (lt - ls)).sum().double()
         sums[1] += -lt.gather(-1, yy[:, None]).sum().double()
@@ -93,11 +97,15 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
     layers = list(npt_model.npt_layers)
     per_layer = torch.zeros(len(layers), 4, dtype=torch.float64, device=device)
     logit_sums = torch.zeros(4, dtype=torch.float64, device=device)
+    # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
+    # is whole only inside the model's own forward.
+    fused = not _is_fsdp(npt_model.model)
+    head = npt_model.model.get_output_embeddings() if fused else None
     for start in range(0, len(blocks), batch_size):
         x = blocks[start : start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
         real = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
-        records, t_logits = capture_teacher(npt_model, x, mask, with_logits=True)
+        records, t_out = capture_teacher(npt_model, x, mask, with_logits=not fused, with_final_hidden=fused)
         for k, (idx, layer) in enumerate(npt_model.npt_layers.items()):
             rec = records[idx]
             s, _ = layer(rec.inputs, npt_student_attn=rec.attn)
@@ -106,11 +114,20 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
             per_layer[k, 1] += (t - h).pow(2).sum().double()
             per_layer[k, 2] += F.cosine_similarity(s - h, t - h, dim=-1, eps=1e-12).sum().double()
             per_layer[k, 3] += real.sum()
-        s_logits = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        if fused:
+            s_out = npt_model.model.base_model(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
+        else:
+            s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
-        logit_sums[:3] += _logit_terms(t_logits[:, :-1], s_logits[:, :-1], x[:, 1:], valid)
+        logit_sums[:3] += _logit_terms(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
         logit_sums[3] += valid.sum()
     return torch.cat([per_layer.flatten(), logit_sums])
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:

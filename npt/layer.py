@@ -164,7 +164,7 @@ class NPTDecoderLayer(nn.Module):
         """The NPT layer's output for input h and attention output a, and the per-token
         regulariser. When h does not require grad (teacher forcing), the frozen projections
         W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
-        autograd node that keeps only `gate` and `up` for its backward."""
+        autograd node that keeps one d_ffn-wide tensor for its backward."""
         mlp = self.layer.mlp
         x = self.layer.post_attention_layernorm(hidden_states)
         gate = mlp.gate_proj(x)
@@ -188,19 +188,23 @@ class _GatedDown(torch.autograd.Function):
 
     With teacher forcing, `up` = W_u x and W_d are constants, so autograd's generic graph would
     keep four d_ffn-wide tensors per layer (gate, act(gate), up, their product) for a gradient
-    that needs two. The activation's derivative is recomputed in backward (an elementwise op)."""
+    that needs one: d out / d gate = W_d^T(.) * up * act'(gate). That product is formed here in
+    the forward (the activation's vector-Jacobian product with `up`, for any activation) and is
+    all that is kept."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, act):
-        ctx.save_for_backward(gate, up, weight)
-        ctx.act = act
-        return F.linear(act(gate) * up, weight, bias)
+        # Identity saved-tensor hooks shadow gradient checkpointing's: without them this small
+        # inner graph's saved tensor would be dropped and recomputed by replaying the layer.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            g = gate.detach().requires_grad_(True)
+            a = act(g)
+            (up_dact,) = torch.autograd.grad(a, g, up)
+        ctx.save_for_backward(up_dact, weight)
+        return F.linear(a.detach() * up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, weight = ctx.saved_tensors
-        grad_act = (grad_out @ weight.to(grad_out.dtype)).to(gate.dtype) * up
-        with torch.enable_grad():
-            g = gate.detach().requires_grad_(True)
-            (grad_gate,) = torch.autograd.grad(ctx.act(g), g, grad_act)
+        up_dact, weight = ctx.saved_tensors
+        grad_gate = (grad_out @ weight.to(grad_out.dtype)).to(up_dact.dtype) * up_dact
         return grad_gate, None, None, None, None

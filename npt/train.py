@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import signal
 import time
@@ -337,8 +338,12 @@ def train(cfg: TrainConfig) -> dict:
                 window_objective += output.objective.detach().float()
                 window_metrics.add(output.metrics)
             grad_norm = full_tensor(accelerator.clip_grad_norm_(adapter_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-            check = accelerator.reduce(torch.stack([window_objective, grad_norm.float().to(window_objective.device)]), "sum")
-            loss_ok, grad_ok = torch.isfinite(check).tolist()  # the one host sync per optimizer step
+            # A signal on any process travels in the same reduction, so all of them stop at the same step.
+            signalled = torch.tensor(float(bool(stopper.signum)), device=window_objective.device)
+            check = accelerator.reduce(torch.stack([window_objective, grad_norm.float().to(window_objective.device), signalled]), "sum")
+            values = check.tolist()  # the one host sync per optimizer step
+            loss_ok, grad_ok = math.isfinite(values[0]), math.isfinite(values[1])
+            stop_requested = values[2] > 0
             finite = loss_ok and grad_ok
             if finite:
                 run.optimizer.step()
@@ -391,8 +396,8 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{tags['loss/total']:.4f}", lr=f"{tags['training/learning_rate']:.2e}", tok_s=f"{tags['training/tokens_per_sec']:.0f}")
                 last_log_time, last_log_step = now, state.step
 
-            stop = torch.tensor([float(stopper.signum or 0)], device=accelerator.device)
-            signum = int(accelerator.reduce(stop, "max").item()) if world > 1 else int(stop.item())
+            # (a process that got no signal itself stops as if terminated)
+            signum = (stopper.signum or int(signal.SIGTERM)) if stop_requested else 0
             if signum:
                 path = save_checkpoint(run, state.step)
                 logger.close()

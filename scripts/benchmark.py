@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from npt.bench import SHAPES, BenchSpec, measure_memory, report, step_flops, time_contenders  # noqa: E402
+from npt.bench import CONTENDERS, SHAPES, BenchSpec, measure_memory, report, step_flops, time_contenders  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no_memory", action="store_true", help="skip the per-contender memory processes")
+    p.add_argument("--contenders", default="teacher,project,original,free",
+                   help="comma-separated; 'free' is the default recipe's free-running step with the logit KL (teacher and project are always run)")
     p.add_argument("--scaling", action="store_true", help="also tokens/s and memory against sequence length and batch size")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)")
     args = p.parse_args(argv)
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                          rank=args.adapter_rank, num_ranks=args.num_ranks, device=args.device, dtype=dtype,
                          gradient_checkpointing=args.gradient_checkpointing)
-        times = time_contenders(spec, args.rounds, args.steps)
-        memory = None if args.no_memory else {k: measure_memory(spec, k) for k in ("teacher", "project", "original")}
+        which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
+        times = time_contenders(spec, args.rounds, args.steps, which=which)
+        memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
         print(report(spec, times, memory))
         if args.peak_tflops:
             flops = step_flops(spec)

@@ -30,7 +30,7 @@ def test_benchmark_script_prints_the_table():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for row in ("| teacher forward (floor) |", "| project step |", "| original design |", "Project vs original:"):
+    for row in ("| teacher forward (floor) |", "| project step |", "| original design |", "| project step, free-running + logit KL |", "Project vs original:"):
         assert row in out, out
     mem = [float(line.split("|")[5]) for line in out.splitlines() if line.startswith(("| project step", "| original design"))]
-    assert len(mem) == 2 and all(m > 0 for m in mem)
+    assert len(mem) == 3 and all(m > 0 for m in mem)

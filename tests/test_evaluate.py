@@ -14,7 +14,10 @@ from npt.evaluate import evaluate, sample_generations
 from npt.model import NPTModel
 
 
-def test_evaluation_matches_a_hand_computation_with_padding():
+@pytest.mark.parametrize("chunk_tokens", [None, 3])
+def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkeypatch):
+    if chunk_tokens:  # logits formed 3 tokens at a time, as a big vocabulary would be
+        monkeypatch.setattr("npt.evaluate.kl_chunk_tokens", lambda vocab, device: chunk_tokens)
     npt = NPTModel.convert(tiny_model(seed=1), "0,2", rank=4)
     randomize_adapters(npt)
     g = torch.Generator().manual_seed(0)

@@ -306,6 +306,41 @@ def test_softened_kl_against_hand_computation():
     assert softened_kl(t, t, None, 3.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [3, None])
+def test_chunked_kl_from_hidden_states_equals_the_full_logits_kl(chunk):
+    """Value and gradient of the fused, chunked KL against `softened_kl` on full logits, with
+    padding and a chunk size that does not divide the number of real tokens."""
+    from npt.objective import softened_kl, softened_kl_from_hidden
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(6, 11, bias=True, dtype=torch.float64)
+    h_t = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    h_s = torch.randn(2, 5, 6, dtype=torch.float64, generator=g).requires_grad_(True)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    for temp in (1.0, 2.5):
+        ours = softened_kl_from_hidden(h_t, h_s, head, mask, temp, chunk)
+        ref = softened_kl(head(h_t).detach(), head(h_s), mask, temp).double()
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-6) and ours.item() > 0.01  # both in float32
+        (g_ours,), (g_ref,) = torch.autograd.grad(2 * ours, h_s), torch.autograd.grad(2 * ref, h_s)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+        assert g_ours[1, 3:].abs().sum() == 0  # padding gets no gradient
+    assert head.weight.grad is None
+
+
+def test_final_hidden_state_through_the_head_gives_the_models_logits():
+    from npt.capture import capture_teacher, run_student
+
+    npt = NPTModel.convert(tiny_model(), "all", rank=4)
+    randomize_adapters(npt, seed=2, scale=0.2)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    head = npt.model.get_output_embeddings()
+    _, t_final = capture_teacher(npt, x, with_final_hidden=True)
+    with npt.teacher_mode():
+        torch.testing.assert_close(head(t_final), npt(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    _, _, s_final = run_student(npt, x, with_final_hidden=True)
+    torch.testing.assert_close(head(s_final), npt(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_free_running_objective_adds_the_logit_kl_term():
     torch.manual_seed(0)
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
