@@ -187,11 +187,14 @@ def setup(cfg: TrainConfig) -> Run:
         raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
     out = resolve_output_dir(cfg, accelerator)
     resume = prepare_output_dir(cfg, out)
-    set_seed(cfg.seed)
 
     # model
     with accelerator.main_process_first():  # the embedded teacher is built once, by the main process
         model, tokenizer = load_model(cfg.model_name, cfg.dtype, str(accelerator.device), cfg.attn_implementation)
+    # Seeded after loading: building the embedded teacher (first run only) or initialising a
+    # checkpoint's missing weights draws random numbers, and the adapters' initialisation must
+    # not depend on that.
+    set_seed(cfg.seed)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.max_length > max_pos:
         raise NPTError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")

@@ -119,6 +119,31 @@ def test_gradient_accumulation_steps_once_per_window(tmp_path, trained_teacher_d
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=5e-5)  # a step per micro-batch differs by ~lr
 
 
+def test_adapter_initialisation_does_not_depend_on_random_draws_while_loading(tmp_path, trained_teacher_dir, monkeypatch):
+    """The first run of the default builds the teacher in-process (drawing random numbers), later
+    runs load it from the cache: the same seed must give the same adapters either way."""
+    import npt.train
+    from npt.train import setup
+
+    def adapters(tag: str):
+        cfg = parse_args(base_args(trained_teacher_dir, tmp_path / tag, "--max_steps", "1"))
+        return {k: v.clone() for k, v in setup(cfg).npt.adapter_state_dict().items()}
+
+    plain = adapters("plain")
+    original = npt.train.load_model
+
+    def drawing_load_model(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        torch.rand(1000)  # what a teacher build or a random weight initialisation does
+        return loaded
+
+    monkeypatch.setattr(npt.train, "load_model", drawing_load_model)
+    drawn = adapters("drawn")
+    assert plain.keys() == drawn.keys() and len(plain) > 0
+    for k in plain:
+        assert torch.equal(plain[k], drawn[k]), k
+
+
 def test_config_file_sets_defaults_and_flags_override():
     cfg = parse_args(["--config", str(ROOT / "configs" / "difficult.yaml"), "--learning_rate", "0.0123"])
     assert cfg.learning_rate == 0.0123
