@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,6 +102,55 @@ def test_resume_on_two_processes_continues_exactly(tmp_path, trained_teacher_dir
     a, b = load_adapter_weights(full / "adapter"), load_adapter_weights(part / "adapter")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def _worker_pids(agent_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started."""
+    out = {}
+    for child in subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        for entry in env:
+            if entry.startswith(b"RANK="):
+                out[int(entry[5:])] = int(child)
+    return out
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(tmp_path, trained_teacher_dir):
+    """SIGTERM to rank 1 alone (a preempted node): the flag travels with the step's all-reduce, every
+    process saves the same checkpoint and stops; the run resumes from it on 2 processes."""
+    import time
+
+    from npt.checkpoint import list_checkpoints, verify
+
+    out = tmp_path / "run"
+    args = ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "2", "--output_dir", str(out)]
+    args += ["--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "pretrain_npt_improved.py"), *args]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "tensorboard").is_dir() and any(p.stat().st_size > 200 for p in (out / "tensorboard").iterdir())):
+            assert agent.poll() is None and time.monotonic() < deadline, "the run ended or stalled before training"
+            time.sleep(0.05)
+        workers = _worker_pids(agent.pid)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert "signal 15 received" in stdout + stderr
+    (step, ckpt), = list_checkpoints(out)
+    verify(ckpt)
+    assert 0 < step < 100000
+    assert not (out / "adapter").exists()  # stopped, not finished
+    proc = launch("torchrun", [*args[:-6], "--max_steps", str(step + 2), "--save_steps", "100000", "--resume_from_checkpoint", "latest"])
+    assert f"at step {step}" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
 
 
 def test_fsdp_refuses_the_gradient_penalty_and_a_single_process(tmp_path, trained_teacher_dir, capsys):
