@@ -156,12 +156,15 @@ def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, att
 
 
 @torch.no_grad()
-def sample_generations(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num: int, prompt_len: int = 16, new_tokens: int = 32) -> list[dict[str, str]]:
-    """Greedy continuations of held-out prompts by the teacher and by the free-running student."""
+def sample_generations(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num: int, prompt_len: int = 16, new_tokens: int = 32,
+                       synced: bool = False) -> list[dict[str, str]]:
+    """Greedy continuations of held-out prompts by the teacher and by the free-running student.
+    `synced` (sharded models): every process keeps stepping until all have finished, since a
+    process that stopped early at an EOS would leave the others waiting in a collective."""
     out = []
     for block in blocks[:num]:
         prompt = block[:prompt_len].unsqueeze(0).to(npt_model.device)
-        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
         with npt_model.teacher_mode():
             t = npt_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
         s = npt_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)

@@ -275,17 +275,25 @@ def save_checkpoint(run: Run, step: int) -> Path:
 def evaluate_run(run: Run, logger: TensorBoardLogger, step: int) -> EvalResult:
     rank, world = run.accelerator.process_index, run.accelerator.num_processes
     shard_blocks = run.eval_blocks[rank::world]
-    n = len(run.layers)
+    n, batch = len(run.layers), run.cfg.eval_batch_size
     if len(shard_blocks):
-        sums = evaluate_sums(run.npt, shard_blocks, run.cfg.eval_batch_size)
+        sums = evaluate_sums(run.npt, shard_blocks, batch)
     else:
         sums = torch.zeros(4 * n + 4, dtype=torch.float64, device=run.accelerator.device)
+    if run.cfg.fsdp:
+        # Every forward of a sharded model is a collective: a process with one batch fewer than the
+        # others (held-out blocks not divisible by processes x eval batch) would leave them waiting
+        # forever. It runs the missing batches on a spare block and drops their sums.
+        most = -(-len(run.eval_blocks[0::world]) // batch)
+        missing = most - (-(-len(shard_blocks) // batch))
+        if missing:
+            evaluate_sums(run.npt, run.eval_blocks[:1].repeat(missing, 1), 1)
     result = finalize(run.accelerator.reduce(sums, "sum"), run.layers)
     logger.scalars(step, result.scalars())
     run.eval_history.append({"step": step, "rel_error_mean": result.rel_error_mean, "rel_error": result.rel_error, "kl": result.kl,
                              "teacher_ppl": result.teacher_ppl, "student_ppl": result.student_ppl, "ppl_ratio": result.ppl_ratio})
     if run.cfg.num_samples and (run.is_main or run.cfg.fsdp):  # sharded layers need every process
-        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, run.cfg.num_samples)
+        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, run.cfg.num_samples, synced=run.cfg.fsdp)
         logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
     return result
 

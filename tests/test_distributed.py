@@ -29,16 +29,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, args: list[str]) -> subprocess.CompletedProcess:
+def launch(launcher: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    proc = subprocess.run([*cmd, str(ROOT / "pretrain_npt_improved.py"), *args], capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    # A session of its own so that a hang (a collective some process never entered) kills the
+    # workers too, not only the launcher.
+    proc = subprocess.Popen([*cmd, str(ROOT / "pretrain_npt_improved.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the launch hung for {timeout} s:\n{out[-2000:]}{err[-4000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +94,18 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir
     # FSDP reduce-scatters gradients in another order than one process sums them; Adam turns the
     # last-bit differences on near-zero gradients into ~1e-3 on the weights after 8 steps.
     _compare(run, single_runs["plain"], atol=2e-3)
+
+
+def test_fsdp_evaluates_held_out_blocks_that_do_not_split_evenly(tmp_path, trained_teacher_dir):
+    """3 held-out blocks, eval batch 1, 2 processes: rank 0 has two batches, rank 1 one. Every
+    sharded forward is a collective, so rank 1 must run a spare batch (whose sums are dropped) or
+    both hang; the evaluation still counts the 3 real blocks once each."""
+    run = tmp_path / "fsdp-uneven"
+    args = ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "2", "--output_dir", str(run), "--fsdp",
+            "--eval_blocks", "3", "--eval_batch_size", "1", "--max_steps", "2", "--eval_steps", "1"]
+    launch("torchrun", args, timeout=300)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["tokens"] == 3 * (32 - 1)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -201,6 +201,12 @@ def test_compiled_training_matches_eager(tmp_path, trained_teacher_dir):
     assert main(base_args(trained_teacher_dir, tmp_path / "compiled", *args, "--compile")) == 0
     a, b = load_adapter_weights(tmp_path / "eager" / "adapter"), load_adapter_weights(tmp_path / "compiled" / "adapter")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+        # Compiled kernels round differently, and Adam divides each gradient element by its own
+        # scale: a last-bit difference on a near-zero gradient can move that one element by up
+        # to ~lr (seen: 1 of 4096 off by 1.8e-4). A wrong compiled graph moves all of them.
+        diff = (b[k] - a[k]).abs()
+        assert diff.max() < 2e-3, (k, diff.max())
+        assert (diff > 1e-4 + 1e-3 * a[k].abs()).float().mean() < 0.01, k
+        assert diff.norm() <= 1e-3 * a[k].norm(), (k, diff.norm(), a[k].norm())
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["eval"]["kl"] == pytest.approx(json.loads((tmp_path / "eager" / "summary.json").read_text())["eval"]["kl"], rel=1e-3)
