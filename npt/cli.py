@@ -27,14 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        _end_process_group()
+        from .distributed import end_process_group
+
+        end_process_group()
     return 0
-
-
-def _end_process_group() -> None:
-    """Left to interpreter shutdown, a gloo process group's threads were sometimes destroyed while
-    still running ("terminate called without an active exception", SIGABRT after a finished run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

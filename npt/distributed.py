@@ -47,6 +47,14 @@ def shard(objective: nn.Module, npt_model, mixed_precision: str) -> nn.Module:
     return objective
 
 
+def end_process_group() -> None:
+    """Destroy the process group, if any, before the interpreter exits. Left to interpreter
+    shutdown, a gloo process group's threads were once destroyed while still running
+    ("terminate called without an active exception", SIGABRT after a finished run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, accelerator, sync: bool):
     """Synchronise gradients only on the last micro-batch of an accumulation window."""

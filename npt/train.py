@@ -284,8 +284,8 @@ def evaluate_run(run: Run, logger: TensorBoardLogger, step: int) -> EvalResult:
         # Every forward of a sharded model is a collective: a process with one batch fewer than the
         # others (held-out blocks not divisible by processes x eval batch) would leave them waiting
         # forever. It runs the missing batches on a spare block and drops their sums.
-        most = -(-len(run.eval_blocks[0::world]) // batch)
-        missing = most - (-(-len(shard_blocks) // batch))
+        most = math.ceil(math.ceil(len(run.eval_blocks) / world) / batch)  # process 0 has the most blocks
+        missing = most - math.ceil(len(shard_blocks) / batch)
         if missing:
             evaluate_sums(run.npt, run.eval_blocks[:1].repeat(missing, 1), 1)
     result = finalize(run.accelerator.reduce(sums, "sum"), run.layers)
