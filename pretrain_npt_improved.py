@@ -8,7 +8,7 @@
 See README.md for every flag, the configs, the TensorBoard curves and how to resume.
 """
 
-from npt.cli import main
+from npt.cli import script_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    script_main()

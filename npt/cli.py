@@ -31,3 +31,16 @@ def main(argv: list[str] | None = None) -> int:
 
         end_process_group()
     return 0
+
+
+def script_main() -> None:
+    """`python pretrain_npt_improved.py`: exit with main()'s code; see `exit_worker` for the
+    processes of a multi-process run."""
+    import os
+
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import exit_worker
+
+        exit_worker(code)
+    raise SystemExit(code)
