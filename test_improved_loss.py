@@ -57,8 +57,8 @@ def demo_components() -> dict[str, float]:
     with torch.no_grad():
         for p in npt.adapter_parameters():
             p.normal_(0, 0.1)
-    cfg = LossConfig(use_adaptive_weights=True, use_gradient_penalty=True, curriculum_steps=100)
-    objective = EquivalenceObjective(npt, NPTLoss(cfg, 3))
+    cfg = LossConfig(use_adaptive_weights=True, use_gradient_penalty=True)
+    objective = EquivalenceObjective(npt, NPTLoss(cfg, 3, curriculum_steps=100))
     out = objective(torch.randint(0, 128, (4, 16)), None, step=25)
     m = out.metrics
     return {

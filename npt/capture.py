@@ -1,10 +1,10 @@
-"""One no-grad teacher forward that records, for every converted layer, its input h, its
-attention output a and its output t.
+"""Forward hooks on decoder layers: what each layer received and returned in one forward.
 
-The records come from forward hooks on the decoder layers and on their `self_attn`, so masks and
-rotary embeddings are HF's own. Targets are never taken from `output_hidden_states`: HF applies
-the final norm to the last entry of that tuple, and a raw layer output compared against it is a
-silent bug.
+The teacher capture (one no-grad forward recording, per converted layer, its input h, its
+attention output a and its output t), the free-running student run and the conversion proof all
+use `record_layers`. Masks and rotary embeddings are HF's own. Targets are never taken from
+`output_hidden_states`: HF applies the final norm to the last entry of that tuple, and a raw layer
+output compared against it is a silent bug.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from .model import NPTModel
+from torch import nn
 
 # Keyword arguments of a decoder layer that describe the cache, not the attention pattern.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
@@ -22,128 +21,119 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 @dataclasses.dataclass
 class LayerRecord:
     inputs: torch.Tensor  # h_i   [B, L, d]
-    attn: torch.Tensor  # a_i   [B, L, d]
     outputs: torch.Tensor  # t_i   [B, L, d], before any final norm
     attn_kwargs: dict  # what the layer received besides h (mask, rotary embeddings, positions)
+    attn: torch.Tensor | None = None  # a_i   [B, L, d], when attention outputs are recorded
+    regularizer: torch.Tensor | None = None  # per-token regulariser of an NPT layer run freely
 
 
 class _StopForward(Exception):
-    """Raised by the hook of the last converted layer: nothing after it is needed."""
+    """Raised by the hook of the last layer of interest: nothing after it is needed."""
+
+
+class record_layers:
+    """`with record_layers(layers) as records: model(...)` fills {index: LayerRecord}.
+
+    `attention`: also record each layer's `self_attn` output. `stop_after`: end the forward right
+    after that layer (the block is left quietly; never under FSDP, where an exception must not
+    cut through a sharded module's forward)."""
+
+    def __init__(self, layers: dict[int, nn.Module], attention: bool = False, stop_after: int | None = None):
+        self.layers, self.attention, self.stop_after = layers, attention, stop_after
+        self.records: dict[int, LayerRecord] = {}
+        self._attn: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _attn_hook(self, idx: int):
+        def hook(module, args, output):
+            self._attn[idx] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _layer_hook(self, idx: int):
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            attn_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
+            out = output[0] if isinstance(output, tuple) else output
+            regularizer = getattr(module, "last_regularizer", None)
+            if regularizer is not None:
+                module.last_regularizer = None
+            self.records[idx] = LayerRecord(h, out, attn_kwargs, self._attn.pop(idx, None), regularizer)
+            if idx == self.stop_after:
+                raise _StopForward
+
+        return hook
+
+    def __enter__(self) -> dict[int, LayerRecord]:
+        for idx, layer in self.layers.items():
+            if self.attention:
+                self._handles.append(layer.self_attn.register_forward_hook(self._attn_hook(idx)))
+            self._handles.append(layer.register_forward_hook(self._layer_hook(idx), with_kwargs=True))
+        return self.records
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        return exc_type is _StopForward
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last hidden state after the final norm: the LM head's input. The base model's
+    `last_hidden_state` is exactly what the causal LM feeds its head (the conversion proof checks
+    that head(final_hidden) equals the model's own logits)."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _forward(model: nn.Module, input_ids, attention_mask, with_logits: bool, with_final_hidden: bool) -> torch.Tensor | None:
+    if with_logits:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if with_final_hidden:
+        return final_hidden(model, input_ids, attention_mask)
+    # through the causal LM (its call gathers sharded embeddings), one logit position at most
+    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    return None
 
 
 @torch.no_grad()
 def capture_teacher(
-    npt_model: NPTModel,
+    npt_model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
     stop_early: bool = True,
     with_final_hidden: bool = False,
 ) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
-    """Run the teacher once and return {layer index: LayerRecord} and, if asked, the logits or
-    the final hidden state (after the final norm, before the LM head; see `_final_hidden`).
-
-    Otherwise the forward stops right after the last converted layer: the layers above it, the
-    final norm and the LM head are not computed. (`stop_early=False` under FSDP: an exception
-    must not cut through a sharded module's forward.)
-    """
+    """Run the teacher once and return {layer index: LayerRecord} (with attention outputs) and,
+    if asked, the logits or the final hidden state. Otherwise the forward stops right after the
+    last converted layer: the layers above it, the final norm and the LM head are not computed."""
     layers = npt_model.npt_layers
-    last = max(layers)
-    records: dict[int, LayerRecord] = {}
-    attn_out: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def attn_hook(idx):
-        def hook(module, args, output):
-            attn_out[idx] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def layer_hook(idx):
-        def hook(module, args, kwargs, output):
-            h = args[0] if args else kwargs["hidden_states"]
-            attn_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
-            out = output[0] if isinstance(output, tuple) else output
-            records[idx] = LayerRecord(h, attn_out.pop(idx), out, attn_kwargs)
-            if idx == last and stop_early and not (with_logits or with_final_hidden):
-                raise _StopForward
-
-        return hook
-
-    try:
-        for idx, layer in layers.items():
-            handles.append(layer.self_attn.register_forward_hook(attn_hook(idx)))
-            handles.append(layer.register_forward_hook(layer_hook(idx), with_kwargs=True))
-        with npt_model.teacher_mode():
-            if with_logits:
-                logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                return records, logits
-            if with_final_hidden:
-                return records, _final_hidden(npt_model, input_ids, attention_mask)
-            try:
-                # through the causal LM (its call gathers sharded embeddings), one logit position at most
-                npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-            except _StopForward:
-                pass
-            return records, None
-    finally:
-        for h in handles:
-            h.remove()
-
+    stop = max(layers) if stop_early and not (with_logits or with_final_hidden) else None
+    out = None
+    with npt_model.teacher_mode(), record_layers(layers, attention=True, stop_after=stop) as records:
+        out = _forward(npt_model.model, input_ids, attention_mask, with_logits, with_final_hidden)
+    return records, out
 
 
 def run_student(
-    npt_model: NPTModel,
+    npt_model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     with_logits: bool = False,
     stop_early: bool = True,
     with_final_hidden: bool = False,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
     """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
-    every converted layer's output, its per-token regulariser, and, if asked, the logits or the
-    final hidden state.
-
-    Otherwise the forward stops after the last converted layer."""
+    every converted layer's record (output and per-token regulariser) and, if asked, the logits
+    or the final hidden state. Otherwise the forward stops after the last converted layer."""
     layers = npt_model.npt_layers
-    last = max(layers)
-    outputs: dict[int, torch.Tensor] = {}
-    frob2: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def layer_hook(idx):
-        def hook(module, args, output):
-            outputs[idx] = output[0] if isinstance(output, tuple) else output
-            frob2[idx] = module.last_regularizer
-            module.last_regularizer = None
-            if idx == last and stop_early and not (with_logits or with_final_hidden):
-                raise _StopForward
-
-        return hook
-
+    stop = max(layers) if stop_early and not (with_logits or with_final_hidden) else None
+    out = None
+    for layer in layers.values():
+        layer.keep_regularizer = True
     try:
-        for idx, layer in layers.items():
-            layer.keep_regularizer = True
-            handles.append(layer.register_forward_hook(layer_hook(idx)))
-        if with_logits:
-            logits = npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return outputs, frob2, logits
-        if with_final_hidden:
-            return outputs, frob2, _final_hidden(npt_model, input_ids, attention_mask)
-        try:
-            npt_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-        except _StopForward:
-            pass
-        return outputs, frob2, None
+        with record_layers(layers, stop_after=stop) as records:
+            out = _forward(npt_model.model, input_ids, attention_mask, with_logits, with_final_hidden)
     finally:
-        for h in handles:
-            h.remove()
         for layer in layers.values():
             layer.keep_regularizer = False
-
-
-def _final_hidden(npt_model: NPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The last hidden state after the final norm: the LM head's input. The base model's
-    `last_hidden_state` is exactly what the causal LM feeds its head."""
-    out = npt_model.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    return records, out

@@ -17,8 +17,12 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import datasets
 import torch
+from transformers.hf_argparser import HfArg
 
+from .corpus import PREFIX as CORPUS_PREFIX
+from .corpus import load_corpus
 from .errors import NPTError
 
 EXTENSION_BUILDERS = {
@@ -40,18 +44,29 @@ def is_heldout(text: str, eval_fraction: float) -> bool:
 
 
 @dataclasses.dataclass
-class DataSpec:
-    dataset_name: str | None = None
-    dataset_config: str | None = None
-    data_files: list[str] | None = None
-    dataset_split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False
-    max_length: int = 128
-    eval_fraction: float = 0.02
-    eval_blocks: int = 32
-    shuffle_buffer: int = 1024
-    seed: int = 0
+class DataArguments:
+    dataset_name: str | None = HfArg(default=None, help="Hub dataset name, a local dataset folder, or embedded:<docstrings|code|prose|mixed>. Default: the corpus of the embedded or zoo teacher (docstrings for other models).")
+    dataset_config: str | None = HfArg(default=None, aliases=["--dataset_config_name"], help="Dataset configuration name (the second argument of load_dataset).")
+    data_files: list[str] | None = HfArg(default=None, help="Local text files or folders (txt, json/jsonl, csv, parquet).")
+    dataset_split: str = HfArg(default="train", help="Dataset split to read.")
+    text_column: str = HfArg(default="text", aliases=["--text_column_name"], help="Column holding the text.")
+    streaming: bool = HfArg(default=False, help="Stream the dataset instead of downloading/preparing it whole.")
+    max_length: int = HfArg(default=128, aliases=["--block_size"], help="Tokens per training block (documents are packed, EOS between them).")
+    eval_fraction: float = HfArg(default=0.02, help="Fraction of documents held out (chosen by a hash of the text).")
+    eval_blocks: int = HfArg(default=32, help="Number of held-out blocks used for evaluation.")
+    shuffle_buffer: int = HfArg(default=1024, help="Blocks in the shuffle buffer.")
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise NPTError(f"--max_length {self.max_length} is too short.", "Pass --max_length of at least 2 (typically 512-2048).")
+        if not 0 < self.eval_fraction < 1:
+            raise NPTError(f"--eval_fraction {self.eval_fraction} is outside (0, 1).", "Pass e.g. --eval_fraction 0.02.")
+        if self.eval_blocks < 1:
+            raise NPTError(f"--eval_blocks {self.eval_blocks} must be at least 1.", "Pass --eval_blocks >= 1.")
+        if self.shuffle_buffer < 0:
+            raise NPTError(f"--shuffle_buffer {self.shuffle_buffer} is negative.", "Pass --shuffle_buffer >= 0.")
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
 
 
 # ---- document sources -------------------------------------------------------------------------
@@ -154,6 +169,9 @@ def _files_for(paths: list[str]) -> tuple[str, list[str]]:
             files.extend(found)
         else:
             files.append(str(path))
+    empty = [f for f in files if Path(f).stat().st_size == 0]
+    if empty:
+        raise NPTError(f"Data file(s) {empty[:3]} are empty (0 bytes).", "Remove them from --data_files or fill them with text.")
     builders = {EXTENSION_BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in builders:
         odd = [f for f in files if Path(f).suffix.lower() not in EXTENSION_BUILDERS][:3]
@@ -165,14 +183,10 @@ def _files_for(paths: list[str]) -> tuple[str, list[str]]:
     return builders.pop(), files
 
 
-def load_raw_dataset(spec: DataSpec):
+def load_raw_dataset(spec: DataArguments):
     """The documents as a list (embedded corpus), a `datasets.Dataset` or an `IterableDataset`."""
-    import datasets
-
-    if spec.dataset_name is None and not spec.data_files:
-        from .embedded import default_corpus
-
-        return default_corpus()
+    if not spec.data_files and (spec.dataset_name is None or spec.dataset_name.startswith(CORPUS_PREFIX)):
+        return load_corpus((spec.dataset_name or CORPUS_PREFIX + "docstrings").removeprefix(CORPUS_PREFIX))
     try:
         if spec.data_files:
             builder, files = _files_for(spec.data_files)
@@ -183,17 +197,31 @@ def load_raw_dataset(spec: DataSpec):
         return datasets.load_dataset(name, spec.dataset_config, split=spec.dataset_split, streaming=spec.streaming)
     except NPTError:
         raise
+    except (datasets.exceptions.DatasetsError, StopIteration) as e:
+        # the builders fail this way on files that hold no rows (e.g. only blank lines) or broken rows
+        cause = _innermost(e)
+        raise NPTError(
+            f"Cannot read dataset {spec.dataset_name or spec.data_files!r}: {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else 'no rows'}",
+            "Check that the files hold rows of text in their format (txt lines, json objects with the text column, csv with a header).",
+        ) from None
     except (OSError, ConnectionError, ValueError) as e:
         # datasets raises FileNotFoundError / DatasetNotFoundError (a FileNotFoundError) / ConnectionError /
         # ValueError (bad config or split) for the cases a user can fix.
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "The hub is not reachable (offline mode): download the dataset on a connected machine, or use --data_files."
-            if offline
-            else "Check the dataset name, --dataset_config and --dataset_split, or use --data_files for local files."
-        )
+        if spec.data_files:
+            hint = "Check that the files hold rows of text in their format (txt lines, json objects with the text column, csv with a header)."
+        elif offline:
+            hint = "The hub is not reachable (offline mode): download the dataset on a connected machine, or use --data_files."
+        else:
+            hint = "Check the dataset name, --dataset_config and --dataset_split, or use --data_files for local files."
         what = spec.dataset_name or spec.data_files
         raise NPTError(f"Cannot load dataset {what!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", hint) from None
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _check_text_column(raw, column: str) -> None:
@@ -212,15 +240,13 @@ def _check_text_column(raw, column: str) -> None:
         )
 
 
-def open_source(spec: DataSpec):
-    import datasets
-
+def open_source(spec: DataArguments, seed: int = 0):
     raw = load_raw_dataset(spec)
     _check_text_column(raw, spec.text_column)
     if isinstance(raw, list):
-        return IndexedSource(raw, None, spec.seed)
+        return IndexedSource(raw, None, seed)
     if isinstance(raw, datasets.Dataset):
-        return IndexedSource(raw, spec.text_column, spec.seed)
+        return IndexedSource(raw, spec.text_column, seed)
     return StreamSource(raw, spec.text_column)
 
 
@@ -261,11 +287,12 @@ class Packer:
             yield from self.add(batch)
 
 
-def heldout_blocks(source, tokenizer, spec: DataSpec) -> torch.Tensor:
-    """The first `eval_blocks` blocks packed from held-out documents, in stored order."""
+def heldout_blocks(source, tokenizer, spec: DataArguments, every_document: bool = False) -> torch.Tensor:
+    """The first `eval_blocks` blocks packed from held-out documents (from every document with
+    `every_document`, for text that was never trained on), in stored order."""
     packer = Packer(tokenizer, spec.max_length)
     out: list[torch.Tensor] = []
-    docs = (t for t in source.iter_natural() if t and is_heldout(t, spec.eval_fraction))
+    docs = (t for t in source.iter_natural() if t and (every_document or is_heldout(t, spec.eval_fraction)))
     for block in packer.blocks(docs):
         out.append(block)
         if len(out) == spec.eval_blocks:
@@ -293,13 +320,13 @@ class TrainStream:
     the same on every process).
     """
 
-    def __init__(self, source, tokenizer, spec: DataSpec, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, source, tokenizer, spec: DataArguments, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.source, self.spec, self.batch_size = source, spec, batch_size
         self.rank, self.world_size = rank, world_size
         self.packer = Packer(tokenizer, spec.max_length)
         self.buffer: list[torch.Tensor] = []
         self.epoch_tokens = 0  # tokens packed so far in the current epoch
-        self.generator = torch.Generator().manual_seed(spec.seed * 7919 + 17)
+        self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
         self._docs = self.source.iter_epoch()
 
     def _fill_once(self) -> None:

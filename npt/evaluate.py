@@ -18,10 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_teacher
+from .capture import capture_teacher, final_hidden
+from .distributed import all_reduce_sum, evaluation_padding, is_sharded, world
+from .kl import next_token_sums
 from .model import NPTModel
-from .objective import kl_chunk_tokens
-
 
 
 @dataclasses.dataclass
@@ -41,6 +41,11 @@ class EvalResult:
     @property
     def ppl_ratio(self) -> float:
         return self.student_ppl / self.teacher_ppl
+
+    def record(self) -> dict:
+        """The result as the run's summary and `npt-eval` write it."""
+        return {"rel_error_mean": self.rel_error_mean, "rel_error": self.rel_error, "update_cosine": self.update_cosine, "kl": self.kl,
+                "teacher_ppl": self.teacher_ppl, "student_ppl": self.student_ppl, "ppl_ratio": self.ppl_ratio, "tokens": self.tokens}
 
     def scalars(self) -> dict[str, float]:
         out = {
@@ -68,38 +73,19 @@ class EvalResult:
         return "\n".join(rows)
 
 
-def _logit_terms(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, head=None) -> torch.Tensor:
-    """Sums of KL(teacher||student), teacher NLL and student NLL over valid positions. `t_out`
-    and `s_out` are logits, or final hidden states when `head` is given: the logits are then
-    formed chunk by chunk and never held whole ([tokens, vocab] is gigabytes for a 128k vocabulary)."""
-    sums = torch.zeros(3, dtype=torch.float64, device=t_out.device)
-    t_flat, s_flat = t_out.reshape(-1, t_out.shape[-1]), s_out.reshape(-1, s_out.shape[-1])
-    y, v = labels.reshape(-1), valid.reshape(-1)
-    logits = head or (lambda z: z)
-    chunk = kl_chunk_tokens(head.weight.shape[0] if head is not None else t_out.shape[-1], t_out.device)
-    for start in range(0, y.numel(), chunk):
-        sl = slice(start, start + chunk)
-        keep = v[sl]
-        lt = F.log_softmax(logits(t_flat[sl][keep]).float(), dim=-1)
-        ls = F.log_softmax(logits(s_flat[sl][keep]).float(), dim=-1)
-        yy = y[sl][keep]
-        sums[0] += (lt.exp() * (lt - ls)).sum().double()
-        sums[1] += -lt.gather(-1, yy[:, None]).sum().double()
-        sums[2] += -ls.gather(-1, yy[:, None]).sum().double()
-    return sums
-
-
 @torch.no_grad()
 def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A flat float64 vector of sums: per layer (err^2, update^2, cosine sum, tokens), then
     (KL, teacher NLL, student NLL, predicted tokens)."""
     device = npt_model.device
     layers = list(npt_model.npt_layers)
+    if len(blocks) == 0:  # more processes than held-out blocks
+        return torch.zeros(4 * len(layers) + 4, dtype=torch.float64, device=device)
     per_layer = torch.zeros(len(layers), 4, dtype=torch.float64, device=device)
     logit_sums = torch.zeros(4, dtype=torch.float64, device=device)
     # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
     # is whole only inside the model's own forward.
-    fused = not _is_fsdp(npt_model.model)
+    fused = not is_sharded(npt_model.model)
     head = npt_model.model.get_output_embeddings() if fused else None
     for start in range(0, len(blocks), batch_size):
         x = blocks[start : start + batch_size].to(device)
@@ -115,19 +101,13 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
             per_layer[k, 2] += F.cosine_similarity(s - h, t - h, dim=-1, eps=1e-12).sum().double()
             per_layer[k, 3] += real.sum()
         if fused:
-            s_out = npt_model.model.base_model(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
+            s_out = final_hidden(npt_model.model, x, mask)
         else:
             s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
-        logit_sums[:3] += _logit_terms(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
+        logit_sums[:3] += next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
         logit_sums[3] += valid.sum()
     return torch.cat([per_layer.flatten(), logit_sums])
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
@@ -147,10 +127,20 @@ def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
 
 
 def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> EvalResult:
+    """The held-out evaluation of `blocks`. With several processes every process calls it with the
+    same blocks: each evaluates its share (`blocks[rank::world]`), and the sums are added."""
+    rank, size = world()
     was_training = npt_model.training
     npt_model.eval()
     try:
-        return finalize(evaluate_sums(npt_model, blocks, batch_size, attention_mask), list(npt_model.npt_layers))
+        mine = slice(rank, None, size)
+        shard_mask = None if attention_mask is None else attention_mask[mine]
+        sums = evaluate_sums(npt_model, blocks[mine], batch_size, shard_mask)
+        if is_sharded(npt_model.model):
+            spare = evaluation_padding(len(blocks), batch_size)
+            if spare:  # sharded forwards are collectives: run as many as the others, drop the sums
+                evaluate_sums(npt_model, blocks[:1].repeat(spare, 1), 1)
+        return finalize(all_reduce_sum(sums), list(npt_model.npt_layers))
     finally:
         npt_model.train(was_training)
 

@@ -15,36 +15,56 @@ O(k (d_model + d_ffn)) per token instead of O(d_model d_ffn).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 
 class NPTAdapter(nn.Module):
     """Maps the attention output to k rank-1 modulations (v_m, v_f) of the gate weights.
 
-    B_f starts at exactly zero, so a fresh adapter adds nothing and the NPT layer starts as the
-    teacher layer with its attention dropped. B_m starts random: were both zero, neither would
-    ever receive a gradient (the delta is bilinear in them).
+        z = c_a A a,   v_m[j] = c_m B_m[j] z,   v_f[j] = c_f B_f[j] z
+
+    A, B_m and B_f are stored at unit scale (A and B_m drawn from N(0, 1), B_f exactly zero) and
+    the fixed multipliers c_a, c_m, c_f (buffers, saved with the weights) carry each model's
+    scales, so that one Adam step means the same relative change on every model: Adam moves each
+    entry by about the learning rate whatever its scale, so a weight stored at the model's scale
+    (attention outputs range over 1e-3 .. 1e+1 in RMS between models) would learn at a rate that
+    depends on the model. `calibrate_` sets c_a and c_m so that z and v_m . x have unit RMS on real
+    tokens, and c_f so that a B_f with unit entries moves the gate by its own RMS. Measured on a
+    random-weight tiny Llama (gate RMS 0.16), the learning rate tuned on trained teachers made
+    every loss type diverge with weights at the model's scale.
+
+    B_f = 0 makes a fresh adapter add nothing: the NPT layer starts as the teacher layer with its
+    attention dropped. B_m starts random: were both zero, neither would ever receive a gradient
+    (the delta is bilinear in them).
     """
 
-    def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int = 1, scale: float = 1.0):
+    def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float):
         super().__init__()
         self.d_model, self.d_ffn, self.rank, self.num_ranks, self.scale = d_model, d_ffn, rank, num_ranks, scale
         self.A = nn.Linear(d_model, rank, bias=False)
         self.B_m = nn.Linear(rank, num_ranks * d_model, bias=False)
         self.B_f = nn.Linear(rank, num_ranks * d_ffn, bias=False)
+        nn.init.normal_(self.A.weight)
+        nn.init.normal_(self.B_m.weight)
         nn.init.zeros_(self.B_f.weight)
+        # fan-in scaling until calibration: unit-RMS inputs give unit-RMS z and v_m entries
+        self.register_buffer("c_a", torch.tensor(d_model**-0.5))
+        self.register_buffer("c_m", torch.tensor(rank**-0.5))
+        self.register_buffer("c_f", torch.tensor((num_ranks * rank) ** -0.5))
 
     def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""
-        z = self.A(attn.to(self.A.weight.dtype))
-        v_m = self.B_m(z).unflatten(-1, (self.num_ranks, self.d_model))
-        v_f = self.B_f(z).unflatten(-1, (self.num_ranks, self.d_ffn))
+        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_model))
+        v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_ffn))
         return v_m, v_f
 
     def forward(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +72,8 @@ class NPTAdapter(nn.Module):
         s * sum_j v_f[j] v_m[j]^T (the regulariser), without forming the matrix, nor even the
         vectors v_m, v_f per token:
 
-            v_m[j] . x           = (B_m[j]^T x) . z          one GEMM over all j
-            sum_j coef_j v_f[j]  = B_f (coef (x) z)           one GEMM, (x) the outer product
+            v_m[j] . x           = c_m (B_m[j]^T x) . z      one GEMM over all j
+            sum_j coef_j v_f[j]  = c_f B_f (coef (x) z)       one GEMM, (x) the outer product
             v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
 
         so the adapter costs O(k r (d_model + d_ffn)) per token and stores no [tokens, k, d_ffn]
@@ -61,48 +81,45 @@ class NPTAdapter(nn.Module):
         k, r, d, f = self.num_ranks, self.rank, self.d_model, self.d_ffn
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
-        z = self.A(attn.to(self.A.weight.dtype))
+        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
         xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
-        coef = (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
+        coef = self.c_m * (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
         outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
-        delta = self.scale * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))
+        delta = (self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))
         gram_m = torch.einsum("jdr,lds->jlrs", w_m, w_m)
         gram_f = torch.einsum("jfr,lfs->jlrs", w_f, w_f)
         zz = z.unsqueeze(-1) * z.unsqueeze(-2)  # [..., r, r]
-        dots_m = torch.einsum("...rs,jlrs->...jl", zz, gram_m)  # v_m[j] . v_m[l]
+        dots_m = torch.einsum("...rs,jlrs->...jl", zz, gram_m)  # v_m[j] . v_m[l] / c_m^2
         dots_f = torch.einsum("...rs,jlrs->...jl", zz, gram_f)
-        frob2 = self.scale**2 * (dots_m * dots_f).sum(dim=(-1, -2))
+        frob2 = (self.scale * self.c_m * self.c_f) ** 2 * (dots_m * dots_f).sum(dim=(-1, -2))
         return delta, frob2
 
     @torch.no_grad()
-    def calibrate_(self, x: torch.Tensor, attn: torch.Tensor) -> dict[str, float]:
-        """Rescale A and B_m so that z and (v_m . x) have unit RMS on a sample of real tokens.
-
-        Attention outputs of real models range over orders of magnitude (RMS 1e-3 .. 1e+1) and
-        x = Norm2(h) has |x| ~ sqrt(d_model). With the default init, Adam's fixed-size steps then
-        move the delta either far too slowly or far too fast. Calibration keeps z = A a exactly,
-        only choosing the scale of the starting point, so the same learning rate works across
-        models. B_f stays zero, so the student still starts at "attention dropped".
-        """
-        z = self.A(attn.to(self.A.weight.dtype))
-        z_rms = z.pow(2).mean().sqrt().item()
-        if not math.isfinite(z_rms) or z_rms == 0.0:
-            return {"z_rms": z_rms, "coef_rms": float("nan")}
-        self.A.weight.div_(z_rms)
+    def calibrate_(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> dict[str, float]:
+        """Set the multipliers on a sample of real tokens: x = Norm2(h), attention outputs, and
+        the gate pre-activations W_g x. Only scales change; B_f stays zero, so the student still
+        starts at "attention dropped"."""
+        z_rms = (self.c_a * self.A(attn.to(self.A.weight.dtype))).pow(2).mean().sqrt().item()
+        if math.isfinite(z_rms) and z_rms > 0.0:
+            self.c_a.div_(z_rms)
         v_m, _ = self.vectors(attn)
-        coef = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype))
-        coef_rms = coef.pow(2).mean().sqrt().item()
+        coef_rms = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype)).pow(2).mean().sqrt().item()
         if math.isfinite(coef_rms) and coef_rms > 0.0:
-            self.B_m.weight.div_(coef_rms)
-        return {"z_rms": z_rms, "coef_rms": coef_rms}
+            self.c_m.div_(coef_rms)
+        gate_rms = gate.float().pow(2).mean().sqrt().item()
+        if math.isfinite(gate_rms) and gate_rms > 0.0:
+            self.c_f.fill_(gate_rms / math.sqrt(self.num_ranks * self.rank))
+        return {"z_rms": z_rms, "coef_rms": coef_rms, "gate_rms": gate_rms}
 
 
 class NPTDecoderLayer(nn.Module):
     """Wraps an HF decoder layer: teacher behaviour or NPT behaviour on the same weights.
 
-    `npt_enabled` selects which one `forward` runs. The wrapped layer is kept whole, so in teacher
-    mode its own forward runs (HF's exact computation, whatever its quirks), and forward hooks on
-    it and on its `self_attn` see what they would see in the unconverted model.
+    `npt_enabled` selects which one runs. Either way the call goes through the wrapped layer's own
+    `__call__` (its `forward` is dispatched here, per instance), so every hook on it sees what the
+    layer returns in the current mode: HF's `output_hidden_states` recorder, which hooks the
+    model's decoder-layer class, gets the NPT output in NPT mode, not nothing. In teacher mode
+    the layer's own class `forward` runs (HF's exact computation, whatever its quirks).
     """
 
     def __init__(self, layer: nn.Module, adapter: NPTAdapter, layer_idx: int):
@@ -118,7 +135,13 @@ class NPTDecoderLayer(nn.Module):
         # decoder layer's output must stay a single tensor for HF's model loop).
         self.keep_regularizer = False
         self.last_regularizer: torch.Tensor | None = None
-        self._signature = inspect.signature(layer.forward)
+        self._signature = inspect.signature(type(layer).forward)
+        layer.forward = self._dispatch  # an instance attribute: the class's forward stays the teacher's
+
+    def unwrap(self) -> nn.Module:
+        """The original layer, its own forward restored."""
+        self.layer.__dict__.pop("forward", None)
+        return self.layer
 
     @property
     def self_attn(self) -> nn.Module:
@@ -132,15 +155,20 @@ class NPTDecoderLayer(nn.Module):
         sharded (FSDP) layer gathers its weights for it, and again for its backward."""
         if npt_student_attn is not None:
             return self.student_output(hidden_states, npt_student_attn)
+        return self.layer(hidden_states, *args, **kwargs)
+
+    def _dispatch(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The wrapped layer's forward in either mode."""
         if not self.npt_enabled:
-            return self.layer(hidden_states, *args, **kwargs)
+            return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
         if args:  # HF passes everything but the hidden states by keyword; be safe if a model does not
-            bound = self._signature.bind(hidden_states, *args, **kwargs)
+            bound = self._signature.bind(self.layer, hidden_states, *args, **kwargs)
+            bound.arguments.pop("self")
             bound.arguments.pop("hidden_states")
             extra = bound.arguments.pop("kwargs", {})
             kwargs = {**bound.arguments, **extra}
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._npt_forward, hidden_states, use_reentrant=False, **kwargs)
+            return checkpoint(self._npt_forward, hidden_states, use_reentrant=False, context_fn=_same_sdpa_backends, **kwargs)
         return self._npt_forward(hidden_states, **kwargs)
 
     def _npt_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -152,7 +180,7 @@ class NPTDecoderLayer(nn.Module):
     def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`npt_output`, recomputed in backward when gradient checkpointing is on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.npt_output, hidden_states, attn, use_reentrant=False)
+            return checkpoint(self.npt_output, hidden_states, attn, use_reentrant=False, context_fn=_same_sdpa_backends)
         return self.npt_output(hidden_states, attn)
 
     def attention(self, hidden_states: torch.Tensor, **attn_kwargs) -> torch.Tensor:
@@ -181,6 +209,42 @@ class NPTDecoderLayer(nn.Module):
         """||W_g||_F^2, the scale against which the regulariser is measured when it is normalised."""
         return self.layer.mlp.gate_proj.weight.detach().float().pow(2).sum()
 
+
+class _SDPABackends:
+    """Enables exactly the given SDPA backends inside the block. Unlike `sdpa_kernel`, one object
+    can be entered again, as a checkpoint's recompute context is under double backward."""
+
+    _FLAGS = (
+        (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+        (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+        (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
+        (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+    )
+
+    def __init__(self, backends: set):
+        self.backends = backends
+        self.saved: list[list[bool]] = []
+
+    @classmethod
+    def current(cls) -> "_SDPABackends":
+        return cls({backend for backend, is_on, _ in cls._FLAGS if is_on()})
+
+    def __enter__(self):
+        self.saved.append([is_on() for _, is_on, _ in self._FLAGS])
+        for backend, _, enable in self._FLAGS:
+            enable(backend in self.backends)
+
+    def __exit__(self, *exc):
+        for (_, _, enable), was_on in zip(self._FLAGS, self.saved.pop()):
+            enable(was_on)
+
+
+def _same_sdpa_backends():
+    """Checkpoint contexts: the recomputation in backward runs under the SDPA backends that were
+    enabled for the forward. Otherwise a forward under `sdpa_kernel(MATH)` (the gradient
+    penalty's, for its double backward) is replayed outside that block, another kernel saves
+    tensors of other shapes, and the checkpoint refuses them."""
+    return contextlib.nullcontext(), _SDPABackends.current()
 
 
 class _GatedDown(torch.autograd.Function):

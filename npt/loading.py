@@ -7,16 +7,39 @@ weight is read, so an unsupported model is refused in a second, not after a 20 G
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.hf_argparser import HfArg
 
-from .embedded import EMBEDDED_NAME
+from .architecture import check_layer_supported, decoder_layers
 from .errors import NPTError
-from .model import check_layer_supported, decoder_layers
+from .teachers import EMBEDDED_NAME, ZOO_PREFIX, ensure_named_teacher, zoo_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    model_name: str | None = HfArg(default=None, aliases=["--model_name_or_path"],
+                                   help="Teacher: hub id or local folder of a Llama-family causal LM, or zoo:<name> (a built-in teacher). Default: the embedded teacher (built offline on first use).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = HfArg(default="auto", aliases=["--torch_dtype"], help="Dtype of the frozen base weights (auto: bfloat16 on CUDA when supported, float32 on CPU).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = HfArg(default="sdpa", help="HF attention implementation of the teacher.")
+
+    def __post_init__(self):
+        if self.model_name and self.model_name.startswith(ZOO_PREFIX):
+            zoo_recipe(self.model_name)  # an unknown zoo name is refused here, before anything loads
+
+    @property
+    def default_corpus(self) -> str:
+        """The built-in corpus a built-in teacher was trained on (docstrings for any other model)."""
+        if self.model_name and self.model_name.startswith(ZOO_PREFIX):
+            return zoo_recipe(self.model_name).corpus
+        return "docstrings"
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -34,11 +57,10 @@ def _offline() -> bool:
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
-    """A local folder or a hub id; None means the embedded default (built on first use)."""
-    if not name_or_path or name_or_path == EMBEDDED_NAME:
-        from .embedded import ensure_default_teacher
-
-        return str(ensure_default_teacher())
+    """A local folder or a hub id; None means the embedded default and `zoo:<name>` a teacher of
+    the zoo (both built on first use)."""
+    if not name_or_path or name_or_path == EMBEDDED_NAME or name_or_path.startswith(ZOO_PREFIX):
+        return str(ensure_named_teacher(name_or_path or EMBEDDED_NAME))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -51,8 +73,6 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def load_config(name_or_path: str):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -68,8 +88,6 @@ def load_config(name_or_path: str):
 
 def check_architecture(config, name: str) -> None:
     """Instantiate the model on the meta device (no memory, no weights) and check its layers."""
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
@@ -90,8 +108,6 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """Load a supported teacher and its tokenizer, frozen and in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_path(name_or_path)
     config = load_config(path)
     check_architecture(config, path)

@@ -22,11 +22,14 @@ Adding a loss is one decorated function:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.hf_argparser import HfArg
 
 from .errors import NPTError
 from .schedules import curriculum_factor, distill_temperature
@@ -35,20 +38,45 @@ from .weighting import AdaptiveLayerWeights
 
 @dataclasses.dataclass
 class LossConfig:
-    loss_type: str = "improved_npt"
-    mse_weight: float = 0.8
-    cosine_weight: float = 0.2
-    cosine_on: str = "update"  # "update": cos(S - h, T - h); "hidden": cos(S, T)
-    normalization: str = "update"  # "update": errors in units of the teacher update; "none": raw
-    focal_gamma: float = 2.0
-    smooth_beta: float = 1.0
-    regularization_lambda: float = 0.01
-    use_adaptive_weights: bool = False
-    use_gradient_penalty: bool = False
-    gradient_penalty_lambda: float = 0.001
-    distill_temperature: float = 3.0
-    curriculum_start: float = 0.5
-    curriculum_steps: int = 0
+    """The loss's arguments (the guide's names), for every layer and step."""
+
+    loss_type: str = HfArg(default="improved_npt", help="Per-layer alignment loss: improved_npt, mse, focal_mse, smooth_l1_mse, or one registered with @register_loss.")
+    use_adaptive_weights: bool = HfArg(default=False, help="Learnable, balancing softmax weights over layers.")
+    use_gradient_penalty: bool = HfArg(default=False, help="Gradient penalty between adjacent converted layers.")
+    mse_weight: float = HfArg(default=0.8, help="Weight of the MSE term (improved_npt, smooth_l1_mse).")
+    cosine_weight: float = HfArg(default=0.2, help="Weight of the cosine term (improved_npt).")
+    cosine_on: Literal["update", "hidden"] = HfArg(default="update", help="Cosine on the layer update (S-h vs T-h) or on whole hidden states.")
+    loss_normalization: Literal["update", "none"] = HfArg(default="update", help="update: errors in units of the teacher's layer update (scale-free); none: raw MSE.")
+    regularization_lambda: float = HfArg(default=0.01, help="Weight of the modulation-norm regulariser (times the curriculum factor).")
+    gradient_penalty_lambda: float = HfArg(default=0.001, help="Weight of the gradient penalty (times the curriculum factor).")
+    gradient_penalty_every: int = HfArg(default=1, help="Compute the gradient penalty on every k-th adjacent layer pair.")
+    distill_temperature: float = HfArg(default=3.0, help="Temperature at step 0; falls to 1.0 when the curriculum ends.")
+    curriculum_start: float = HfArg(default=0.5, help="Curriculum factor at step 0 (rises to 1.0).")
+    curriculum_steps: str | None = HfArg(default=None, help="Curriculum length: a count, or a fraction of max_steps. Default: the warm-up.")
+    focal_gamma: float = HfArg(default=2.0, help="Focusing exponent of focal_mse.")
+    smooth_beta: float = HfArg(default=1.0, help="Beta of the smooth L1 term of smooth_l1_mse.")
+    free_running_steps: str = HfArg(default="0.6", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below.")
+    logit_kl_weight: float = HfArg(default=1.0, help="Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.")
+
+    def __post_init__(self):
+        def need(ok: bool, cause: str, fix: str) -> None:
+            if not ok:
+                raise NPTError(cause, fix)
+
+        need(self.loss_type in LOSSES, f"--loss_type {self.loss_type!r} is not a registered loss.", f"Use one of {', '.join(sorted(LOSSES))}.")
+        for name in ("mse_weight", "cosine_weight", "regularization_lambda", "gradient_penalty_lambda", "focal_gamma", "logit_kl_weight"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"--{name} {value} is negative or not finite.", f"Pass --{name} >= 0.")
+        if self.loss_type == "improved_npt":
+            need(self.mse_weight + self.cosine_weight > 0, "--mse_weight and --cosine_weight are both 0: improved_npt would train nothing.",
+                 "Give at least one of them a positive weight (the guide: 0.8 and 0.2).")
+        if self.loss_type == "smooth_l1_mse":
+            need(self.mse_weight <= 1, f"--mse_weight {self.mse_weight} > 1 gives smooth_l1_mse a negative smooth-L1 weight.", "Pass --mse_weight in [0, 1] (the guide: 0.5).")
+        need(self.smooth_beta > 0, f"--smooth_beta {self.smooth_beta} must be positive.", "Pass --smooth_beta > 0 (the guide: 1.0).")
+        need(self.gradient_penalty_every >= 1, f"--gradient_penalty_every {self.gradient_penalty_every} must be at least 1.", "Pass --gradient_penalty_every >= 1.")
+        need(self.distill_temperature >= 1, f"--distill_temperature {self.distill_temperature} < 1 would sharpen, not soften, targets.",
+             "Pass --distill_temperature >= 1 (the guide: 2-5).")
+        need(0 <= self.curriculum_start <= 1, f"--curriculum_start {self.curriculum_start} is outside [0, 1].", "Pass e.g. 0.5 (the guide's).")
 
 
 @dataclasses.dataclass
@@ -56,10 +84,15 @@ class LayerTensors:
     student: torch.Tensor  # S  [N, d]
     target: torch.Tensor  # T  [N, d]
     inputs: torch.Tensor  # h  [N, d]
-    energy: torch.Tensor  # E = mean((T - h)^2), detached scalar; 1.0 without normalisation
+    scale: torch.Tensor  # unit of squared errors in the loss: E with update normalisation, else 1 (detached scalar)
+    energy: torch.Tensor | None = None  # E = mean((T - h)^2), detached; the unit of the logged loss/mse (default: scale)
+
+    def __post_init__(self):
+        if self.energy is None:
+            self.energy = self.scale
 
     def error(self, temperature: float = 1.0) -> torch.Tensor:
-        return (self.student - self.target) / (self.energy.sqrt() * temperature)
+        return (self.student - self.target) / (self.scale.sqrt() * temperature)
 
 
 LossFn = Callable[[LayerTensors, LossConfig, float], torch.Tensor]
@@ -74,9 +107,15 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     return deco
 
 
-def normalized_mse(layer: LayerTensors, temperature: float = 1.0) -> torch.Tensor:
+def scaled_mse(layer: LayerTensors, temperature: float = 1.0) -> torch.Tensor:
+    """The loss's MSE: mean(e^2), in units of `layer.scale`."""
     # F.mse_loss keeps only S and T (alive anyway) for its backward, no new [tokens, d] tensor
-    return F.mse_loss(layer.student, layer.target) / (layer.energy * temperature**2)
+    return F.mse_loss(layer.student, layer.target) / (layer.scale * temperature**2)
+
+
+def mse_ratio(layer: LayerTensors) -> torch.Tensor:
+    """||S - T||^2 / ||T - h||^2: the logged loss/mse, whatever the loss's normalisation."""
+    return F.mse_loss(layer.student, layer.target) / layer.energy
 
 
 def cosine_distance(layer: LayerTensors, on: str = "update") -> torch.Tensor:
@@ -119,13 +158,13 @@ class _CosineDistance(torch.autograd.Function):
 @register_loss("mse")
 def mse_loss(layer: LayerTensors, cfg: LossConfig, temperature: float) -> torch.Tensor:
     """Plain (normalised) MSE: the baseline."""
-    return normalized_mse(layer, temperature)
+    return scaled_mse(layer, temperature)
 
 
 @register_loss("improved_npt")
 def improved_npt_loss(layer: LayerTensors, cfg: LossConfig, temperature: float) -> torch.Tensor:
     """mse_weight * MSE(S/T, T/T) + cosine_weight * (1 - cos)."""
-    return cfg.mse_weight * normalized_mse(layer, temperature) + cfg.cosine_weight * cosine_distance(layer, cfg.cosine_on)
+    return cfg.mse_weight * scaled_mse(layer, temperature) + cfg.cosine_weight * cosine_distance(layer, cfg.cosine_on)
 
 
 @register_loss("focal_mse")
@@ -164,17 +203,16 @@ class NPTLoss(nn.Module):
     """Combines per-layer alignment terms, layer weights, curriculum, regulariser and gradient
     penalty. Its only parameters are the adaptive layer weights (when enabled)."""
 
-    def __init__(self, cfg: LossConfig, num_layers: int):
+    def __init__(self, cfg: LossConfig, num_layers: int, curriculum_steps: int = 0):
         super().__init__()
-        if cfg.loss_type not in LOSSES:
-            raise NPTError(f"Unknown loss type {cfg.loss_type!r}.", f"Use one of {', '.join(sorted(LOSSES))}.")
         self.cfg = cfg
         self.loss_fn = LOSSES[cfg.loss_type]
         self.num_layers = num_layers
+        self.curriculum_steps = curriculum_steps
         self.adaptive = AdaptiveLayerWeights(num_layers) if cfg.use_adaptive_weights else None
 
     def schedule(self, step: int) -> tuple[float, float]:
-        c = curriculum_factor(step, self.cfg.curriculum_steps, self.cfg.curriculum_start)
+        c = curriculum_factor(step, self.curriculum_steps, self.cfg.curriculum_start)
         return c, distill_temperature(c, self.cfg.distill_temperature, self.cfg.curriculum_start)
 
     def forward(
@@ -184,7 +222,6 @@ class NPTLoss(nn.Module):
         grad_penalty: torch.Tensor | None,
         step: int,
         logit_kl: torch.Tensor | None = None,
-        logit_kl_weight: float = 0.0,
     ) -> LossOutput:
         cfg = self.cfg
         c, temperature = self.schedule(step)
@@ -203,11 +240,11 @@ class NPTLoss(nn.Module):
         if grad_penalty is not None:
             total = total + c * cfg.gradient_penalty_lambda * grad_penalty
         if logit_kl is not None:
-            total = total + logit_kl_weight * logit_kl
+            total = total + cfg.logit_kl_weight * logit_kl
         objective = total if balance is None else total + balance
 
         with torch.no_grad():
-            layer_mse = torch.stack([normalized_mse(layer) for layer in layers])
+            layer_mse = torch.stack([mse_ratio(layer) for layer in layers])
             layer_cos = torch.stack([cosine_distance(layer, cfg.cosine_on) for layer in layers])
         metrics = {
             "total": total.detach(),

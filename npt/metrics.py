@@ -1,4 +1,4 @@
-"""Metric accumulation and TensorBoard logging.
+"""Metric accumulation and the trackers the curves go to.
 
 Loss components stay on the device as tensors and are summed over the logging interval; they
 reach the host once per log (no `.item()` per micro-step). Tag names are the guide's, exactly:
@@ -8,7 +8,7 @@ training/temperature; the rest follow the same scheme.
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import torch
 
@@ -79,29 +79,36 @@ def to_tags(means: dict[str, float | list[float]], layers: list[int]) -> dict[st
     return tags
 
 
-class TensorBoardLogger:
-    """SummaryWriter on the main process; a no-op elsewhere."""
+class Tracker:
+    """The run's curves through accelerate's trackers (`--report_to`: tensorboard by default, wandb,
+    mlflow, ... when installed), written by the main process. The run config goes in as the
+    trackers' hyperparameters. TensorBoard writes to <output_dir>/tensorboard; on resume, events
+    that a crashed run logged after its checkpoint are hidden (`purge_step`)."""
 
-    def __init__(self, log_dir: Path | None, purge_step: int | None = None):
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    def __init__(self, accelerator, config: dict, purge_step: int | None = None):
+        self.accelerator = accelerator
+        self.active = bool(accelerator.log_with)
+        if self.active:
+            kwargs = {"tensorboard": {"purge_step": purge_step}} if purge_step else {}
+            accelerator.init_trackers("tensorboard", config=hparams(config), init_kwargs=kwargs)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        if self.active:
+            self.accelerator.log({k: float(v) for k, v in values.items()}, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self.active:
+            self.accelerator.log({tag: text}, step=step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish the trackers (not `accelerator.end_training()`, which also destroys the process
+        group while the processes still have a barrier to pass)."""
+        if self.active:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.active = False
+
+
+def hparams(config: dict) -> dict:
+    """The config as trackers take it: str, int, float, bool or None values."""
+    return {k: v if v is None or isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in config.items()}

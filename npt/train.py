@@ -1,9 +1,19 @@
 """The training loop: config -> model + data -> step -> loss -> logs and checkpoints.
 
 `train(cfg)` reads top to bottom: `setup` builds everything and refuses bad input before anything
-is written; then the loop runs optimizer steps of `gradient_accumulation_steps` micro-batches,
-logging, evaluating and checkpointing on optimizer steps. With several processes (torchrun or
-accelerate launch) the same code runs on each: DDP by default, FSDP with `--fsdp`.
+is written; `fit` runs optimizer steps of `gradient_accumulation_steps` micro-batches, logging,
+evaluating and checkpointing on optimizer steps; `finish` saves the best held-out adapters and
+the summary. With several processes (torchrun or accelerate launch) the same code runs on each:
+DDP by default, FSDP with `--fsdp`.
+
+No run ends worse than it began. Divergence is detected on the logged losses (the monitor's
+"MSE exploding", or the teacher-forced loss/mse at twice its value before training), on repeated
+non-finite steps, and on the held-out evaluation (the free-running KL above its start, or, while
+teacher-forced, the relative error above its start). The run then rolls back to the last state
+whose evaluation was good, with its learning rate times `--rollback_lr_factor`, at most
+`--max_rollbacks` times; the step count goes on (the schedules and the time budget stay as they
+were), and the data moves on to fresh batches. The final adapter/ holds the adapters with the
+lowest held-out KL seen.
 """
 
 from __future__ import annotations
@@ -11,116 +21,196 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from .checkpoint import begin_checkpoint, find_latest, finish_checkpoint, list_checkpoints, load_data_state, load_training_state, verify, write_data_state
-from .config import TrainConfig
+from .checkpoint import apply_state, collect_state, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config
+from .corpus import PREFIX as CORPUS_PREFIX
 from .data import TrainStream, heldout_blocks, open_source
-from .distributed import full_state_dict, full_tensor, gradient_sync, load_optimizer_state, optimizer_state, shard
-from .embedded import EMBEDDED_NAME
+from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
-from .evaluate import EvalResult, evaluate_sums, finalize, sample_generations
+from .evaluate import EvalResult, evaluate, sample_generations
 from .loading import load_model
 from .losses import NPTLoss
-from .metrics import IntervalMeans, TensorBoardLogger, to_tags
-from .model import NPTModel, load_adapter_weights, read_adapter_config
+from .metrics import IntervalMeans, Tracker, to_tags
+from .model import NPTModel
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
-from .schedules import lr_factor
+from .optim import build_optimizer, set_learning_rate
+from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_output_dir
+from .serialization import read_adapter_config
+from .teachers import EMBEDDED_NAME
 
 CALIBRATION_BLOCKS = 16
-RUN_FILES = ("config.json", "checkpoints", "adapter", "tensorboard", "summary.json")
+ROLLBACK_AFTER_BAD_STEPS = 3  # consecutive non-finite steps that count as divergence
 
 
 class TooManyBadSteps(NPTError):
     pass
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int, checkpoint: Path | None):
-        self.signum, self.checkpoint = signum, checkpoint
-        super().__init__(f"stopped by signal {signum}")
+@dataclasses.dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # time in training steps (not evaluation, checkpoints or samples)
+    skipped_steps: int = 0  # non-finite steps skipped in total
+    consecutive_bad: int = 0
+    lr_scale: float = 1.0  # lowered by each rollback
+    rollbacks: list = dataclasses.field(default_factory=list)  # the rollbacks done
+    unrecovered: list = dataclasses.field(default_factory=list)  # divergences seen with no rollback left
 
 
-class GracefulStop:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next optimizer step and exits.
-    A second SIGINT interrupts at once."""
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds; the loop advances `progress` and keeps the records below."""
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
+    cfg: Config
+    accelerator: Accelerator
+    out: Path
+    resume: Path | None
+    npt: NPTModel
+    tokenizer: object
+    objective: torch.nn.Module  # as prepared: DDP-wrapped, or sharded in place (FSDP)
+    objective_module: EquivalenceObjective
+    loss: NPTLoss
+    optimizer: torch.optim.Optimizer
+    stream: TrainStream
+    eval_blocks: torch.Tensor
+    data_name: str
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    monitor: ConvergenceMonitor = dataclasses.field(default_factory=ConvergenceMonitor)
+    eval_history: list = dataclasses.field(default_factory=list)
+    start_eval: dict | None = None  # the evaluation before training
+    best: dict | None = None  # the evaluation with the lowest KL, and its adapters
+    last_good: dict | None = None  # in memory: the state of the last good evaluation (rollback target)
 
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+    @property
+    def layers(self) -> list[int]:
+        return list(self.npt.npt_layers)
 
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n[npt] signal {signum} received: saving a checkpoint at the end of this step, then exiting.", flush=True)
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.run.fsdp
 
-
-# ---- set-up ------------------------------------------------------------------------------------
+    def print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
 
 
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+# ---- set-up -----------------------------------------------------------------------------------------
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto), or run on a machine with a GPU.")
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if cfg.fsdp and mp == "fp16":
+
+def mixed_precision(cfg: Config, use_cpu: bool) -> str:
+    """--mixed_precision, where `auto` takes accelerate's own setting (`accelerate launch
+    --mixed_precision bf16`, or its config file) when there is one."""
+    mp = cfg.run.mixed_precision
+    if mp == "auto":  # accelerate launch passes its setting in the environment
+        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+    if cfg.run.fsdp and mp == "fp16":
         raise NPTError("--fsdp supports bf16 or no mixed precision, not fp16.", "Pass --mixed_precision bf16 (or no).")
-    return Accelerator(cpu=use_cpu, mixed_precision=mp)
+    return mp
 
 
-def resolve_output_dir(cfg: TrainConfig, accelerator) -> Path:
-    from accelerate.utils import broadcast_object_list
+def trackers(cfg: Config) -> list[str]:
+    wanted = [t for t in cfg.run.report_to if t != "none"]
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in wanted if t != "all" and t not in available]
+    if missing:
+        raise NPTError(f"--report_to {missing} is not installed (available here: {sorted(available)}).",
+                       f"pip install {' '.join(missing)}, or pass --report_to tensorboard (or none).")
+    return wanted
 
-    name = [cfg.output_dir]
-    if cfg.output_dir is None:  # one timestamped folder, chosen by the main process for all
-        name = [time.strftime("runs/npt-%Y%m%d-%H%M%S")] if accelerator.is_main_process else [None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(name)
-    return Path(name[0])
 
+def setup(cfg: Config) -> Run:
+    # devices, processes and the output dir; nothing is written yet
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto), or run on a machine with a GPU.")
+    use_cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=use_cpu)
+    if cfg.run.fsdp and state.num_processes < 2:
+        raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
+    out = resolve_output_dir(cfg.run)
+    resume = checkpoint_to_resume(cfg.run, out)
+    # accelerate keeps one state per process; several runs in one process (the ablation and zoo
+    # tools, tests) each set their own precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision(cfg, use_cpu), log_with=trackers(cfg) or None, project_dir=str(out))
 
-def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
-    """Refuse to mix runs; return the checkpoint to resume from, if any. Writes nothing."""
-    if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint == "latest":
-            ckpt = find_latest(out)
-            if ckpt is None:
-                raise NPTError(f"--resume_from_checkpoint latest: no complete checkpoint in {out / 'checkpoints'}.", "Check --output_dir, or start without --resume_from_checkpoint.")
-            return ckpt
-        ckpt = Path(cfg.resume_from_checkpoint)
-        if not ckpt.is_dir():
-            raise NPTError(f"Checkpoint {ckpt} does not exist.", "Pass a checkpoint folder (output_dir/checkpoints/step-...) or 'latest'.")
-        verify(ckpt)
-        return ckpt
-    if out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.overwrite_output_dir:
-        raise NPTError(
-            f"Output dir {out} already holds a run.",
-            "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir.",
-        )
-    return None
+    # the teacher, converted in place (the embedded teacher is built once, by the main process)
+    with accelerator.main_process_first():
+        model, tokenizer = load_model(cfg.model.model_name, cfg.model.dtype, str(accelerator.device), cfg.model.attn_implementation)
+    # Seeded after loading: building the embedded teacher (first run only) or initialising a
+    # checkpoint's missing weights draws random numbers, and the adapters' initialisation must
+    # not depend on that.
+    set_seed(cfg.run.seed)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.data.max_length > max_pos:
+        raise NPTError(f"--max_length {cfg.data.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")
+    a = cfg.adapter
+    base = cfg.model.model_name or EMBEDDED_NAME
+    if Path(base).expanduser().exists():  # a local folder: recorded so that the adapters load from anywhere
+        base = str(Path(base).expanduser().resolve())
+    npt = NPTModel.convert(model, a.npt_layers, a.adapter_rank, a.num_ranks, a.modulation_scale, base_model_name_or_path=base)
+    npt.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
+
+    # data: a built-in teacher's own corpus unless a dataset is given
+    data = cfg.data
+    if data.dataset_name is None and not data.data_files:
+        data = dataclasses.replace(data, dataset_name=CORPUS_PREFIX + cfg.model.default_corpus)
+    eval_blocks = heldout_blocks(open_source(data, cfg.run.seed), tokenizer, data)
+    stream = TrainStream(open_source(data, cfg.run.seed), tokenizer, data, cfg.optim.batch_size, state.process_index, state.num_processes, cfg.run.seed)
+    # Draw a first sample now: a corpus too small for one block is refused before anything is
+    # written. The same fixed-size sample (not one batch, so the initialisation does not depend on
+    # --batch_size) calibrates the adapters; the stream is rewound, so no training data is consumed.
+    rewind = stream.state_dict()
+    sample = stream.next_blocks(CALIBRATION_BLOCKS)
+    stream.load_state_dict(rewind)
+
+    # loss and objective
+    loss = NPTLoss(cfg.loss, len(npt.npt_config.layers), curriculum_steps=cfg.curriculum)
+    objective = EquivalenceObjective(npt, loss, cfg.run.seed, sharded=cfg.run.fsdp)
+    if cfg.loss.use_gradient_penalty and not objective.penalty_pairs:
+        raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {npt.npt_config.layers}.",
+                       "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
+    saved = None
+    if resume is not None:
+        check_resume_compatible(resume, npt)
+        saved = load_checkpoint(resume)
+    elif cfg.adapter.adapter_init == "calibrated":
+        calibrate_adapters(npt, sample.to(accelerator.device))
+    if cfg.run.compile:
+        for layer in npt.npt_layers.values():
+            layer.npt_output = torch.compile(layer.npt_output)  # used by teacher-forced and free-running steps
+
+    # several processes: shard (FSDP) or wrap (DDP), then the optimizer (FSDP replaces the parameters it shards)
+    if cfg.run.fsdp:
+        shard(npt, loss, accelerator.mixed_precision)
+        prepared = objective
+    else:
+        prepared = accelerator.prepare(objective)
+    optimizer = accelerator.prepare(build_optimizer(cfg.optim, list(npt.adapter_parameters()), loss))
+    run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files))
+    if saved is not None:
+        apply_state(run, saved)
+        run.last_good = collect_state(run, with_data=False)
+    return run
 
 
 def check_resume_compatible(ckpt: Path, npt_model: NPTModel) -> None:
@@ -131,336 +221,331 @@ def check_resume_compatible(ckpt: Path, npt_model: NPTModel) -> None:
         diffs["base_model"] = (saved.base_model_name_or_path, ours.base_model_name_or_path)
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diffs.items())
-        raise NPTError(f"Checkpoint {ckpt} belongs to another model or adapter shape ({detail}).", "Resume with the original --model_name, --npt_layers, --adapter_rank and --num_ranks, or start a new --output_dir.")
+        raise NPTError(f"Checkpoint {ckpt} belongs to another model or adapter shape ({detail}).",
+                       "Resume with the original --model_name, --npt_layers, --adapter_rank and --num_ranks, or start a new --output_dir.")
 
 
-def build_optimizer(cfg: TrainConfig, npt_model: NPTModel, loss: NPTLoss) -> torch.optim.Optimizer:
-    groups = [{"params": list(npt_model.adapter_parameters()), "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "base_lr": cfg.learning_rate}]
-    if loss.adaptive is not None:
-        groups.append({"params": list(loss.adaptive.parameters()), "lr": cfg.adaptive_weights_lr, "weight_decay": 0.0, "base_lr": cfg.adaptive_weights_lr})
-    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+def start(run: Run) -> Tracker:
+    """Create the output dir (the main process), write config.json, open the trackers, print the banner."""
+    cfg = run.cfg
+    if run.is_main:
+        if cfg.run.overwrite_output_dir and run.resume is None:
+            clear_previous_run(run.out)
+        run.out.mkdir(parents=True, exist_ok=True)
+        cfg.replace(output_dir=str(run.out)).save(run.out / "config.json")
+    run.accelerator.wait_for_everyone()
+    tracker = Tracker(run.accelerator, cfg.to_flat(), purge_step=run.progress.step + 1 if run.resume else None)
+    banner(run)
+    return tracker
 
 
-@dataclasses.dataclass
-class RunState:
-    step: int = 0  # optimizer steps taken
-    skipped_steps: int = 0  # non-finite steps skipped in total
-    consecutive_bad: int = 0
-    tokens_seen: int = 0
+def banner(run: Run) -> None:
+    cfg, acc, npt = run.cfg, run.accelerator, run.npt
+    hc = npt.config
+    world = acc.num_processes
+    blocks = cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * world
+    trainable = sum(p.numel() for p in npt.adapter_parameters()) + sum(p.numel() for p in run.loss.parameters())
+    total = sum(p.numel() for p in npt.parameters()) + sum(p.numel() for p in run.loss.parameters())
+    free_from = cfg.free_running_from
+    phases = f"teacher forcing until step {free_from}, then free-running" if cfg.free_running else "teacher forcing throughout"
+    if cfg.free_running and cfg.loss.logit_kl_weight:
+        phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g})"
+    base_dtype = str(next(npt.model.parameters()).dtype).removeprefix("torch.")
+    lines = [
+        f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",
+        f"model       {npt.npt_config.base_model_name_or_path} ({hc.model_type}, {hc.num_hidden_layers} layers, hidden {hc.hidden_size}); "
+        f"NPT layers {npt.npt_config.layers}, r={npt.npt_config.rank}, k={npt.npt_config.num_ranks}",
+        f"data        {run.data_name}: blocks of {cfg.data.max_length} tokens, {len(run.eval_blocks)} held-out blocks",
+        f"device      {acc.device}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if cfg.run.fsdp else ''}, "
+        f"{base_dtype} weights, mixed precision {acc.mixed_precision}",
+        f"batch       {cfg.optim.batch_size} blocks x {cfg.optim.gradient_accumulation_steps} accumulation x {world} = {blocks} blocks "
+        f"= {blocks * cfg.data.max_length} tokens per step; {cfg.optim.max_steps} steps",
+        f"schedule    warm-up {cfg.warmup} steps, {phases}",
+        f"parameters  {trainable:,} trainable / {total:,} total",
+    ]
+    if run.resume is not None:
+        lines.append(f"resume      resumed from {run.resume} at step {run.progress.step}")
+    run.print("\n".join("[npt] " + line for line in lines))
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything `setup` builds; the loop only reads it and advances `state`."""
-
-    cfg: TrainConfig
-    accelerator: object
-    out: Path
-    resume: Path | None
-    npt: NPTModel
-    tokenizer: object
-    objective: torch.nn.Module  # the training module, possibly wrapped (DDP) or sharded (FSDP)
-    loss: NPTLoss
-    optimizer: torch.optim.Optimizer
-    stream: TrainStream
-    eval_blocks: torch.Tensor
-    state: RunState
-    monitor: ConvergenceMonitor
-    eval_history: list
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.npt.npt_layers)
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+# ---- the loop ---------------------------------------------------------------------------------------
 
 
-def setup(cfg: TrainConfig) -> Run:
-    from accelerate.utils import set_seed
+def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    ga = cfg.optim.gradient_accumulation_steps
+    tokens_per_step = cfg.optim.batch_size * cfg.data.max_length * ga * acc.num_processes
+    params = list(run.npt.adapter_parameters())
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+    text_lines = not (cfg.run.progress and sys.stdout.isatty())
+    bar = tqdm(total=cfg.optim.max_steps, initial=run.progress.step, desc="NPT pre-training", dynamic_ncols=True,
+               disable=not run.is_main or text_lines)
+    means = IntervalMeans()
+    interval = {"tokens": 0, "seconds": 0.0}
+    if run.start_eval is None:  # a fresh run: where training begins
+        validate(run, tracker)
+        r = run.start_eval
+        run.print(f"[npt] before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, "
+                  f"perplexity teacher {r['teacher_ppl']:.2f} / student {r['student_ppl']:.2f}")
 
-    cfg.validate()
-    accelerator = make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.fsdp and world < 2:
-        raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
-    out = resolve_output_dir(cfg, accelerator)
-    resume = prepare_output_dir(cfg, out)
+    while run.progress.step < cfg.optim.max_steps:
+        p = run.progress
+        # this step's learning rate and phase
+        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale)
+        free_running = p.step >= cfg.free_running_from
+        started = time.perf_counter()
+        # forward and backward over the accumulation window (gradients synchronised on its last micro-batch)
+        window_objective = torch.zeros((), device=acc.device)
+        window_metrics = IntervalMeans()
+        for micro in range(ga):
+            batch = run.stream.next_batch().to(acc.device, non_blocking=True)
+            with gradient_sync(run.objective, acc, sync=micro == ga - 1):
+                with acc.autocast():
+                    output = run.objective(batch, None, p.step, free_running)
+                acc.backward(output.objective / ga)
+            window_objective += output.objective.detach().float()
+            window_metrics.add(output.metrics)
+        grad_norm = full_tensor(acc.clip_grad_norm_(params, max_norm))
+        # one host sync per step: loss, gradient norm, and a signal on any process (all stop at the same step)
+        signalled = torch.tensor(float(bool(stopper.signum)), device=window_objective.device)
+        loss_value, grad_value, stop_requested = all_reduce_sum(torch.stack([window_objective, grad_norm.float().to(window_objective.device), signalled])).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_value)
+        # the update, or a skipped step
+        if finite:
+            run.optimizer.step()
+            p.step += 1
+            p.consecutive_bad = 0
+            p.tokens_seen += tokens_per_step
+            step_metrics = window_metrics.means()
+            step_metrics["grad_norm"] = grad_norm.detach().float()
+            means.add(step_metrics)
+            bar.update(1)
+        elif math.isfinite(loss_value) and acc.mixed_precision == "fp16":
+            run.optimizer.step()  # fp16 overflow: the grad scaler skips this update and lowers its scale
+        else:
+            p.skipped_steps += 1
+            p.consecutive_bad += 1
+            tracker.scalars(p.step, {"training/skipped_steps": p.skipped_steps})
+            run.print(f"[npt] step {p.step}: non-finite loss or gradient, step skipped ({p.consecutive_bad} in a row, {p.skipped_steps} in total)")
+        run.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        p.train_seconds += seconds
+        interval["tokens"] += tokens_per_step if finite else 0
+        interval["seconds"] += seconds
 
-    # model
-    with accelerator.main_process_first():  # the embedded teacher is built once, by the main process
-        model, tokenizer = load_model(cfg.model_name, cfg.dtype, str(accelerator.device), cfg.attn_implementation)
-    # Seeded after loading: building the embedded teacher (first run only) or initialising a
-    # checkpoint's missing weights draws random numbers, and the adapters' initialisation must
-    # not depend on that.
-    set_seed(cfg.seed)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.max_length > max_pos:
-        raise NPTError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions.", f"Pass --max_length <= {max_pos}.")
-    npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks, cfg.modulation_scale, base_model_name_or_path=cfg.model_name or EMBEDDED_NAME)
-    npt.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        # logs, and divergence in them
+        if finite and (p.step % cfg.run.logging_steps == 0 or p.step == cfg.optim.max_steps):
+            reason = log_step(run, tracker, bar, means, interval, free_running, text_lines)
+            interval = {"tokens": 0, "seconds": 0.0}
+            if reason:
+                rollback(run, tracker, reason)
+        if p.consecutive_bad >= ROLLBACK_AFTER_BAD_STEPS and can_roll_back(run):
+            rollback(run, tracker, f"{p.consecutive_bad} consecutive steps had a non-finite loss or gradient")
+        elif p.consecutive_bad >= cfg.run.max_bad_steps:
+            run.optimizer.zero_grad(set_to_none=True)
+            last = list_checkpoints(run.out)
+            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            raise TooManyBadSteps(
+                f"{p.consecutive_bad} consecutive steps had a non-finite loss or gradient (step {p.step}, after {len(p.rollbacks)} rollbacks); {where}.",
+                "Reduce --learning_rate, lower --max_grad_norm (e.g. 0.5), disable --use_gradient_penalty, check the teacher's outputs for extreme values, then resume.",
+            )
 
-    # data
-    spec = cfg.data_spec()
-    eval_blocks = heldout_blocks(open_source(spec), tokenizer, spec)
-    stream = TrainStream(open_source(spec), tokenizer, spec, cfg.batch_size, rank, world)
-    # Draw a first sample now: a corpus too small for one block is refused before anything is
-    # written. The same fixed-size sample (not one batch, so the initialisation does not depend on
-    # --batch_size) calibrates the adapters; the stream is rewound, so no training data is consumed.
-    rewind = stream.state_dict()
-    sample = stream.next_blocks(CALIBRATION_BLOCKS)
-    stream.load_state_dict(rewind)
+        # a signal: checkpoint and stop (a process that got no signal itself stops as if terminated)
+        if stop_requested:
+            path = save(run)
+            bar.close()
+            tracker.close()
+            raise Interrupted(stopper.signum or int(signal.SIGTERM), path)
+        # held-out evaluation and checkpoints
+        if finite and cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0 and p.step < cfg.optim.max_steps:
+            result = validate(run, tracker)
+            run.print(f"[npt] step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, perplexity ratio {result.ppl_ratio:.3f}")
+        if finite and p.step % cfg.run.save_steps == 0 and p.step < cfg.optim.max_steps:
+            save(run)
+    bar.close()
 
-    # loss and objective; everything a checkpoint restores is loaded before any sharding
-    loss = NPTLoss(cfg.loss_config(), len(npt.npt_config.layers))
-    objective = EquivalenceObjective(npt, loss, cfg.gradient_penalty_every, cfg.seed, cfg.logit_kl_weight)
-    if cfg.use_gradient_penalty and not objective.penalty_pairs:
-        raise NPTError(f"--use_gradient_penalty needs two adjacent converted layers; --npt_layers gives {npt.npt_config.layers}.", "Convert adjacent layers (e.g. --npt_layers all) or drop --use_gradient_penalty.")
-    state, monitor, eval_history, saved = RunState(), ConvergenceMonitor(), [], None
-    if resume is not None:
-        check_resume_compatible(resume, npt)
-        npt.load_adapter_state_dict(load_adapter_weights(resume))
-        saved = load_training_state(resume)
-        loss.load_state_dict(saved["loss"])
-        objective.generator.set_state(saved["penalty_generator"])
-        monitor.load_state_dict(saved["monitor"])
-        eval_history = list(saved["eval_history"])
-        state = RunState(**saved["run"])
-        torch.set_rng_state(saved["torch_rng"])
-        stream.load_state_dict(load_data_state(resume))
-    elif cfg.adapter_init == "calibrated":
-        calibrate_adapters(npt, sample.to(accelerator.device))
-    if cfg.compile:
-        for layer in npt.npt_layers.values():
-            layer.npt_output = torch.compile(layer.npt_output)  # used by teacher-forced and free-running steps
 
-    # wrap for several processes, then the optimizer (FSDP replaces the parameters it shards)
-    if cfg.fsdp:
-        objective = shard(objective, npt, accelerator.mixed_precision)
-        optimizer = accelerator.prepare(build_optimizer(cfg, npt, loss))
+def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: dict, free_running: bool, text_lines: bool) -> str | None:
+    """Log the interval's means; print them; return a reason if they show divergence."""
+    cfg, p = run.cfg, run.progress
+    values = means.pop(reduce=all_reduce_mean)
+    tags = to_tags(values, run.layers)
+    c, temperature = run.loss.schedule(p.step - 1)  # those of the step just taken, like its loss and learning rate
+    tags.update({
+        "training/curriculum_factor": c,
+        "training/temperature": temperature,
+        "training/learning_rate": run.optimizer.param_groups[0]["lr"],
+        "training/grad_norm": values["grad_norm"],
+        "training/tokens_per_sec": interval["tokens"] / max(interval["seconds"], 1e-9),
+        "training/skipped_steps": p.skipped_steps,
+        "training/free_running": float(free_running),
+        "training/lr_scale": p.lr_scale,
+    })
+    tracker.scalars(p.step, tags)
+    weights = values.get("layer_weight") if cfg.loss.use_adaptive_weights else None
+    signs = run.monitor.update(p.step, tags, weights, values.get("weight_temperature"))
+    for sign in signs:
+        run.print(sign.message)
+        tracker.text(p.step, "monitor/warnings", sign.message)
+        tracker.scalars(p.step, {f"monitor/{sign.key}": 1.0})
+    line = (f"loss {tags['loss/total']:.4f} | mse {tags['loss/mse']:.4f} | cos {tags['loss/cosine']:.4f} | "
+            f"lr {tags['training/learning_rate']:.2e} | {tags['training/tokens_per_sec']:.0f} tok/s")
+    if text_lines:
+        run.print(f"[npt] step {p.step}/{cfg.optim.max_steps} | {line}{' | free-running' if free_running else ''}")
     else:
-        objective = accelerator.prepare(objective)
-        optimizer = accelerator.prepare(build_optimizer(cfg, npt, loss))
-    if saved is not None:
-        load_optimizer_state(optimizer.optimizer, objective, saved["optimizer"], cfg.fsdp)
-        accelerator.print(f"[npt] resumed from {resume} at step {state.step}")
-    return Run(cfg, accelerator, out, resume, npt, tokenizer, objective, loss, optimizer, stream, eval_blocks, state, monitor, eval_history)
+        bar.set_postfix_str(line)
+    # divergence in the training losses
+    if not math.isfinite(tags["loss/mse"]):
+        return f"loss/mse is {tags['loss/mse']}"
+    if any(s.key == "mse_exploding" for s in signs):
+        return "the monitor saw loss/mse explode"
+    start = run.start_eval
+    if start and not free_running:
+        before = sum(r * r for r in start["rel_error"]) / len(start["rel_error"])
+        if tags["loss/mse"] > 2 * before:
+            return f"loss/mse {tags['loss/mse']:.4g} is above twice its value before training ({before:.4g})"
+    return None
 
 
-# ---- collective pieces (every process calls them) --------------------------------------------------
+# ---- evaluation, rollback, checkpoints --------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    adapters = run.npt.adapter_state_dict()
-    training_state = {
-        "optimizer": optimizer_state(run.optimizer.optimizer, run.objective, run.cfg.fsdp),
-        "loss": full_state_dict(run.loss),
-        "penalty_generator": run.accelerator.unwrap_model(run.objective).generator.get_state(),
-        "monitor": run.monitor.state_dict(),
-        "eval_history": run.eval_history,
-        "run": dataclasses.asdict(run.state),
-        "torch_rng": torch.get_rng_state(),
-        "config": json.loads(json.dumps(run.cfg.to_dict())),
-    }
-    path = run.out / "checkpoints" / f"step-{step:08d}"
-    if run.is_main:  # the data position is the same on every process (see TrainStream)
-        tmp = begin_checkpoint(run.out, step)
-        write_data_state(tmp, run.stream.state_dict())
-        path = finish_checkpoint(run.out, step, run.npt, adapters, training_state, run.cfg.save_total_limit)
+def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
+    """Evaluate on the held-out blocks; keep the start, the best and the last good state, or roll
+    back if the student got worse than it began (not after the last step: the best is kept then)."""
+    cfg, p = run.cfg, run.progress
+    result = evaluate(run.npt, run.eval_blocks, cfg.run.eval_batch_size)
+    tracker.scalars(p.step, result.scalars())
+    record = {"step": p.step} | result.record()
+    run.eval_history.append(record)
+    if cfg.run.num_samples and (run.is_main or run.sharded):  # sharded layers need every process
+        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, cfg.run.num_samples, synced=run.sharded)
+        tracker.text(p.step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
+    if run.start_eval is None:
+        run.start_eval = record
+    reason = divergence(run, record)
+    if reason and not final:
+        rollback(run, tracker, reason)
+        return result
+    if reason:
+        run.print(f"[npt] the last evaluation is worse than the start ({reason}); adapter/ keeps the best ones seen.")
+    snapshot = collect_state(run, with_data=False)
+    if run.best is None or record["kl"] < run.best["kl"]:
+        run.best = record | {"adapters": snapshot["adapters"]}
+    run.last_good = snapshot
+    return result
+
+
+def divergence(run: Run, record: dict) -> str | None:
+    """Why this evaluation is worse than the start, or None."""
+    start = run.start_eval
+    if record is start:
+        return None
+    if not math.isfinite(record["kl"]):
+        return f"the held-out KL is {record['kl']}"
+    if record["kl"] > start["kl"]:
+        return f"the held-out KL {record['kl']:.4f} is above its start {start['kl']:.4f}"
+    teacher_forced = record["step"] <= run.cfg.free_running_from
+    if teacher_forced and record["rel_error_mean"] > start["rel_error_mean"]:
+        return f"the held-out relative error {record['rel_error_mean']:.4f} is above its start {start['rel_error_mean']:.4f}"
+    return None
+
+
+def can_roll_back(run: Run) -> bool:
+    return run.last_good is not None and len(run.progress.rollbacks) < run.cfg.run.max_rollbacks
+
+
+def rollback(run: Run, tracker: Tracker, reason: str) -> None:
+    """Back to the last good state with a lower learning rate; the step count, the data position
+    and the run's records (start, best, history, counters) go on."""
+    p = run.progress
+    if not can_roll_back(run):
+        if not p.unrecovered:
+            run.print(f"[npt] step {p.step}: training diverged ({reason}); no rollback left "
+                      f"({len(p.rollbacks)} of --max_rollbacks {run.cfg.run.max_rollbacks} used). The saved adapters will be the best held-out ones.")
+        p.unrecovered.append({"step": p.step, "reason": reason})
+        return
+    keep = run.best, run.start_eval, run.eval_history
+    apply_state(run, run.last_good, with_data=False)
+    run.best, run.start_eval, run.eval_history = keep
+    target = run.last_good["progress"]["step"]
+    run.progress = p
+    p.consecutive_bad = 0
+    p.lr_scale *= run.cfg.run.rollback_lr_factor
+    p.rollbacks.append({"step": p.step, "to_step": target, "reason": reason, "lr_scale": p.lr_scale})
+    message = (f"[npt] step {p.step}: training diverged ({reason}). Rolled back to the state of step {target}, "
+               f"learning rate x{p.lr_scale:.3g} (rollback {len(p.rollbacks)} of {run.cfg.run.max_rollbacks}).")
+    run.print(message)
+    tracker.text(p.step, "training/rollbacks", message)
+    tracker.scalars(p.step, {"training/rollbacks": len(p.rollbacks), "training/lr_scale": p.lr_scale})
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the current state (collective; the main process writes it)."""
+    state = collect_state(run) | {"config": run.cfg.to_flat()}
+    path = run.out / "checkpoints" / f"step-{run.progress.step:08d}"
+    if run.is_main:
+        path = save_checkpoint(run.out, run.progress.step, state, run.npt.npt_config, run.cfg.run.save_total_limit)
     run.accelerator.wait_for_everyone()
     return path
 
 
-def evaluate_run(run: Run, logger: TensorBoardLogger, step: int) -> EvalResult:
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    shard_blocks = run.eval_blocks[rank::world]
-    n, batch = len(run.layers), run.cfg.eval_batch_size
-    if len(shard_blocks):
-        sums = evaluate_sums(run.npt, shard_blocks, batch)
-    else:
-        sums = torch.zeros(4 * n + 4, dtype=torch.float64, device=run.accelerator.device)
-    if run.cfg.fsdp:
-        # Every forward of a sharded model is a collective: a process with one batch fewer than the
-        # others (held-out blocks not divisible by processes x eval batch) would leave them waiting
-        # forever. It runs the missing batches on a spare block and drops their sums.
-        most = math.ceil(math.ceil(len(run.eval_blocks) / world) / batch)  # process 0 has the most blocks
-        missing = most - math.ceil(len(shard_blocks) / batch)
-        if missing:
-            evaluate_sums(run.npt, run.eval_blocks[:1].repeat(missing, 1), 1)
-    result = finalize(run.accelerator.reduce(sums, "sum"), run.layers)
-    logger.scalars(step, result.scalars())
-    run.eval_history.append({"step": step, "rel_error_mean": result.rel_error_mean, "rel_error": result.rel_error, "kl": result.kl,
-                             "teacher_ppl": result.teacher_ppl, "student_ppl": result.student_ppl, "ppl_ratio": result.ppl_ratio})
-    if run.cfg.num_samples and (run.is_main or run.cfg.fsdp):  # sharded layers need every process
-        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, run.cfg.num_samples, synced=run.cfg.fsdp)
-        logger.text(step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
-    return result
-
-
-# ---- the run -----------------------------------------------------------------------------------
-
-
-def train(cfg: TrainConfig) -> dict:
-    run = setup(cfg)
-    cfg, accelerator, state, monitor = run.cfg, run.accelerator, run.state, run.monitor
-    world = accelerator.num_processes
-    if run.is_main:
-        if cfg.overwrite_output_dir and run.resume is None:
-            for f in RUN_FILES:
-                target = run.out / f
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-        run.out.mkdir(parents=True, exist_ok=True)
-        dataclasses.replace(cfg, output_dir=str(run.out)).save(run.out / "config.json")
-    accelerator.wait_for_everyone()
-    # On resume, events a crashed run logged after its checkpoint are hidden (purge_step).
-    logger = TensorBoardLogger(run.out / "tensorboard" if run.is_main else None, purge_step=state.step + 1 if run.resume else None)
-    means = IntervalMeans()
-    adapter_params = list(run.npt.adapter_parameters())
-    tokens_per_step = cfg.batch_size * cfg.max_length * cfg.gradient_accumulation_steps * world
-    ga = cfg.gradient_accumulation_steps
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="NPT pre-training", disable=not (run.is_main and cfg.progress), dynamic_ncols=True)
-    first_eval = evaluate_run(run, logger, state.step) if run.resume is None else None
-    if first_eval is not None:
-        accelerator.print(f"[npt] before training: mean rel error {first_eval.rel_error_mean:.4f}, KL {first_eval.kl:.4f}, perplexity teacher {first_eval.teacher_ppl:.2f} / student {first_eval.student_ppl:.2f}")
-    last_log_time, last_log_step = time.perf_counter(), state.step
-
-    with GracefulStop() as stopper:
-        while state.step < cfg.max_steps:
-            factor = lr_factor(state.step, cfg.warmup, cfg.max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
-            for group in run.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            free_running = state.step >= cfg.max_steps - cfg.free_running
-            window_objective = torch.zeros((), device=accelerator.device)
-            window_metrics = IntervalMeans()
-            for micro in range(ga):
-                batch = run.stream.next_batch().to(accelerator.device, non_blocking=True)
-                # gradients are synchronised across processes on the window's last micro-batch only
-                with gradient_sync(run.objective, accelerator, sync=micro == ga - 1):
-                    with accelerator.autocast():
-                        output = run.objective(batch, None, state.step, free_running)
-                    accelerator.backward(output.objective / ga)
-                window_objective += output.objective.detach().float()
-                window_metrics.add(output.metrics)
-            grad_norm = full_tensor(accelerator.clip_grad_norm_(adapter_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-            # A signal on any process travels in the same reduction, so all of them stop at the same step.
-            signalled = torch.tensor(float(bool(stopper.signum)), device=window_objective.device)
-            check = accelerator.reduce(torch.stack([window_objective, grad_norm.float().to(window_objective.device), signalled]), "sum")
-            values = check.tolist()  # the one host sync per optimizer step
-            loss_ok, grad_ok = math.isfinite(values[0]), math.isfinite(values[1])
-            stop_requested = values[2] > 0
-            finite = loss_ok and grad_ok
-            if finite:
-                run.optimizer.step()
-                state.step += 1
-                state.consecutive_bad = 0
-                state.tokens_seen += tokens_per_step
-                step_metrics = window_metrics.means()
-                step_metrics["grad_norm"] = grad_norm.detach().float()
-                means.add(step_metrics)
-                bar.update(1)
-            elif loss_ok and accelerator.mixed_precision == "fp16":
-                run.optimizer.step()  # fp16 overflow: the grad scaler skips this update and lowers its scale
-            else:
-                state.skipped_steps += 1
-                state.consecutive_bad += 1
-                logger.scalars(state.step, {"training/skipped_steps": state.skipped_steps})
-                accelerator.print(f"[npt] step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a row, {state.skipped_steps} in total)")
-                if state.consecutive_bad >= cfg.max_bad_steps:
-                    run.optimizer.zero_grad(set_to_none=True)
-                    last = list_checkpoints(run.out)
-                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                    raise TooManyBadSteps(
-                        f"{state.consecutive_bad} consecutive steps had a non-finite loss or gradient (step {state.step}); {where}.",
-                        "Reduce --learning_rate, lower --max_grad_norm (e.g. 0.5), disable --use_gradient_penalty, check the teacher's outputs for extreme values, then resume.",
-                    )
-            run.optimizer.zero_grad(set_to_none=True)
-
-            if finite and (state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps):
-                now = time.perf_counter()
-                interval = means.pop(reduce=lambda t: accelerator.reduce(t, "mean"))
-                tags = to_tags(interval, run.layers)
-                c, temperature = run.loss.schedule(state.step)
-                tags.update(
-                    {
-                        "training/curriculum_factor": c,
-                        "training/temperature": temperature,
-                        "training/learning_rate": run.optimizer.param_groups[0]["lr"],
-                        "training/grad_norm": interval["grad_norm"],
-                        "training/tokens_per_sec": (state.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9),
-                        "training/skipped_steps": state.skipped_steps,
-                        "training/free_running": float(free_running),
-                    }
-                )
-                logger.scalars(state.step, tags)
-                weights = interval.get("layer_weight") if cfg.use_adaptive_weights else None
-                for sign in monitor.update(state.step, tags, weights, interval.get("weight_temperature")):
-                    accelerator.print(sign.message)
-                    logger.text(state.step, "monitor/warnings", sign.message)
-                    logger.scalars(state.step, {f"monitor/{sign.key}": 1.0})
-                bar.set_postfix(loss=f"{tags['loss/total']:.4f}", lr=f"{tags['training/learning_rate']:.2e}", tok_s=f"{tags['training/tokens_per_sec']:.0f}")
-                last_log_time, last_log_step = now, state.step
-
-            # (a process that got no signal itself stops as if terminated)
-            signum = (stopper.signum or int(signal.SIGTERM)) if stop_requested else 0
-            if signum:
-                path = save_checkpoint(run, state.step)
-                logger.close()
-                bar.close()
-                raise Interrupted(signum, path)
-            if finite and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_steps:
-                result = evaluate_run(run, logger, state.step)
-                if run.is_main:
-                    bar.write(f"[npt] step {state.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, perplexity ratio {result.ppl_ratio:.3f}")
-            if finite and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
-                save_checkpoint(run, state.step)
-    bar.close()
-    return finish(run, logger, first_eval)
-
-
-def finish(run: Run, logger: TensorBoardLogger, first_eval: EvalResult | None) -> dict:
-    """Final evaluation, checkpoint and adapters; the summary (printed and saved)."""
-    accelerator, state, out = run.accelerator, run.state, run.out
-    result = evaluate_run(run, logger, state.step)
-    final_ckpt = save_checkpoint(run, state.step)
-    adapters = run.npt.adapter_state_dict()
-    digests = [run.npt.adapter_digest()]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        digests = gather_object(digests)
-        if len(set(digests)) > 1:
-            accelerator.print(f"[npt] WARNING: the processes hold different adapters ({digests}); the saved ones are process 0's. This is a bug: please report it.")
-
-    def described(r: EvalResult | None) -> dict | None:
-        return None if r is None else dataclasses.asdict(r) | {"rel_error_mean": r.rel_error_mean, "ppl_ratio": r.ppl_ratio}
-
+def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
+    """Final evaluation and checkpoint; the best adapters into adapter/; the summary (printed and saved)."""
+    acc, p, out = run.accelerator, run.progress, run.out
+    result = validate(run, tracker, final=True)
+    final_ckpt = save(run)
+    digests = gather_objects(run.npt.adapter_digest())
+    if len(set(digests)) > 1:
+        run.print(f"[npt] WARNING: the processes hold different adapters ({digests}); the saved ones are process 0's. This is a bug: please report it.")
+    best = {k: v for k, v in run.best.items() if k != "adapters"}
+    final = run.eval_history[-1]
     summary = {
         "output_dir": str(out),
-        "steps": state.step,
-        "skipped_steps": state.skipped_steps,
+        "steps": p.step,
+        "tokens_seen": p.tokens_seen,
+        "train_seconds": round(p.train_seconds, 1),
+        "runtime_seconds": round(time.perf_counter() - wall_start, 1),
+        "skipped_steps": p.skipped_steps,
         "checkpoint": str(final_ckpt),
         "adapter_dir": str(out / "adapter"),
-        "eval": described(result),
-        "eval_before": described(first_eval),
+        "adapter_step": best["step"],
+        "adapter_choice": f"the lowest held-out KL of {len(run.eval_history)} evaluations (step {best['step']}: KL {best['kl']:.4f})",
+        "eval": best,
+        "eval_final": final,
+        "eval_before": run.start_eval,
         "eval_history": run.eval_history,
-        "processes": accelerator.num_processes,
+        "rollbacks": p.rollbacks,
+        "unrecovered_divergences": p.unrecovered,
+        "processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision,
         "adapter_sha256_per_process": digests,
         "warnings": dict(run.monitor.fired),
         "healthy_signs": run.monitor.healthy_summary(),
     }
     if run.is_main:
-        run.npt.save_pretrained(out / "adapter", state_dict=adapters)
+        run.npt.save_pretrained(out / "adapter", state_dict=run.best["adapters"])
+        run.tokenizer.save_pretrained(out / "adapter")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        accelerator.print("\nHeld-out evaluation after training:\n" + result.table())
-        accelerator.print("\nThe guide's healthy-training signs:\n" + "\n".join("  " + line for line in summary["healthy_signs"]))
-        accelerator.print(f"\nAdapters: {out / 'adapter'}   TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    logger.close()
-    accelerator.wait_for_everyone()
+        lines = ["", "Held-out evaluation after training:", result.table()]
+        if best["step"] != final["step"]:
+            lines.append(f"adapter/ holds the adapters of step {best['step']} (KL {best['kl']:.4f}, perplexity ratio {best['ppl_ratio']:.3f}): "
+                         f"the lowest held-out KL seen; the last step's are in {final_ckpt}.")
+        lines += ["", "The guide's healthy-training signs:", *("  " + line for line in summary["healthy_signs"])]
+        lines.append(f"\nTrained {p.step} steps, {p.tokens_seen:,} tokens in {p.train_seconds:.0f} s of training "
+                     f"({summary['runtime_seconds']:.0f} s in all){f', {len(p.rollbacks)} rollback(s)' if p.rollbacks else ''}.")
+        lines.append(f"Adapters: {out / 'adapter'}   Curves: tensorboard --logdir {out / 'tensorboard'}")
+        run.print("\n".join(lines))
+    tracker.close()
+    acc.wait_for_everyone()
     return summary
+
+
+def train(cfg: Config) -> dict:
+    wall_start = time.perf_counter()
+    run = setup(cfg)
+    # from the first file written on, SIGINT/SIGTERM end the run with a checkpoint at the next step
+    with GracefulStop() as stopper:
+        tracker = start(run)
+        fit(run, tracker, stopper)
+        return finish(run, tracker, wall_start)

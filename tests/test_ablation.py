@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from helpers import ROOT, script_env
+
+pytestmark = pytest.mark.slow
 
 
 def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_teacher_dir):
@@ -15,7 +18,7 @@ def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_te
     cmd = [sys.executable, str(ROOT / "scripts" / "compare_losses.py"), "--output_dir", str(out), "--variants", variants, "--",
            "--model_name", str(trained_teacher_dir), "--max_steps", "10", "--eval_steps", "5", "--max_length", "32",
            "--batch_size", "4", "--eval_blocks", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "results.md").read_text()
     for name in variants.split(";"):
@@ -37,6 +40,6 @@ def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_te
 
 def test_unknown_variant_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_losses.py"), "--output_dir", str(tmp_path / "x"), "--variants", "nope"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=script_env())
     assert proc.returncode == 2 and "Unknown ablation variant" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -6,17 +6,18 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model
+from helpers import randomize_adapters, tiny_model
 
 from npt.errors import NPTError
-from npt.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NPTModel
+from npt.model import NPTModel
+from npt.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def test_round_trip_onto_a_given_base_model_is_exact(tmp_path):
     npt = NPTModel.convert(tiny_model(seed=4), "0,2", rank=3, num_ranks=2, modulation_scale=0.5)
     randomize_adapters(npt, scale=0.2)
     npt.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert cfg["layers"] == [0, 2] and cfg["rank"] == 3 and cfg["num_ranks"] == 2 and cfg["modulation_scale"] == 0.5
     assert cfg["dtype"] == "float32" and len(cfg["adapter_sha256"]) == 64
@@ -28,14 +29,16 @@ def test_round_trip_onto_a_given_base_model_is_exact(tmp_path):
         assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
 
 
-def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, trained_teacher):
-    model, _ = trained_teacher
+def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, micro_teacher):
+    from npt.loading import load_model
+
+    model, _ = load_model(str(micro_teacher[0]), "float32", "cpu")
     npt = NPTModel.convert(model, "all", rank=4)
     randomize_adapters(npt, 1, scale=0.2)
-    assert npt.npt_config.base_model_name_or_path.endswith("tiny-teacher")
+    assert npt.npt_config.base_model_name_or_path.endswith("teacher")
     npt.save_pretrained(tmp_path / "adapter")
     loaded = NPTModel.from_pretrained(tmp_path / "adapter")  # no base model given: loaded from the config
-    x = torch.randint(0, 500, (1, 12))
+    x = torch.randint(0, 290, (1, 12))
     with torch.no_grad():
         assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
         with loaded.teacher_mode(), npt.teacher_mode():
@@ -45,10 +48,10 @@ def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, trai
 def test_adapter_file_of_the_default_model_is_small(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npt.config import TrainConfig
-    from npt.embedded import DEFAULT_RECIPE as r
+    from npt.model import AdapterArguments
+    from npt.teachers import DEFAULT_RECIPE as r
 
-    cfg = TrainConfig()
+    cfg = AdapterArguments()
     model = LlamaForCausalLM(LlamaConfig(vocab_size=r.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
                                          num_hidden_layers=r.num_layers, num_attention_heads=r.num_heads, tie_word_embeddings=True))
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

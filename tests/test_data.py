@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from npt.data import DataSpec, TrainStream, heldout_blocks, is_heldout, open_source
-from npt.embedded import train_tokenizer
+from npt.data import DataArguments, TrainStream, heldout_blocks, is_heldout, open_source
 from npt.errors import NPTError
+from npt.teachers import train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -41,8 +41,8 @@ def jsonl(tmp_path, docs):
     return path
 
 
-def spec_for(path, **kw) -> DataSpec:
-    return DataSpec(data_files=[str(path)], text_column="content", max_length=16, eval_fraction=0.1, eval_blocks=10, shuffle_buffer=8, **kw)
+def spec_for(path, **kw) -> DataArguments:
+    return DataArguments(data_files=[str(path)], text_column="content", max_length=16, eval_fraction=0.1, eval_blocks=10, shuffle_buffer=8, **kw)
 
 
 def _round_trip(state):
@@ -106,7 +106,7 @@ def test_local_file_formats(tmp_path, docs, tokenizer, fmt):
         (path / "sub").mkdir(parents=True)
         (path / "a.txt").write_text("\n".join(docs[:150]))
         (path / "sub" / "b.txt").write_text("\n".join(docs[150:]))
-    spec = DataSpec(data_files=[str(path)], max_length=16, eval_fraction=0.1, eval_blocks=4)
+    spec = DataArguments(data_files=[str(path)], max_length=16, eval_fraction=0.1, eval_blocks=4)
     source = open_source(spec)
     assert len(source) == len(docs)
     stream = TrainStream(source, tokenizer, spec, batch_size=2)
@@ -115,20 +115,20 @@ def test_local_file_formats(tmp_path, docs, tokenizer, fmt):
 
 def test_bad_data_inputs_name_cause_and_fix(tmp_path, jsonl, tokenizer):
     with pytest.raises(NPTError, match="does not exist"):
-        open_source(DataSpec(data_files=[str(tmp_path / "missing.jsonl")]))
+        open_source(DataArguments(data_files=[str(tmp_path / "missing.jsonl")]))
     with pytest.raises(NPTError, match=r"no column 'text'; its columns are \['content', 'id'\]"):
-        open_source(DataSpec(data_files=[str(jsonl)], text_column="text"))
+        open_source(DataArguments(data_files=[str(jsonl)], text_column="text"))
     with pytest.raises(NPTError, match=r"no column 'body'"):
-        open_source(DataSpec(data_files=[str(jsonl)], text_column="body", streaming=True))
+        open_source(DataArguments(data_files=[str(jsonl)], text_column="body", streaming=True))
     (tmp_path / "x.bin").write_bytes(b"\0")
     with pytest.raises(NPTError, match="Unsupported data file"):
-        open_source(DataSpec(data_files=[str(tmp_path / "x.bin")]))
+        open_source(DataArguments(data_files=[str(tmp_path / "x.bin")]))
     with pytest.raises(NPTError, match="Cannot load dataset 'no-such-org/no-such-dataset'"):
-        open_source(DataSpec(dataset_name="no-such-org/no-such-dataset"))
+        open_source(DataArguments(dataset_name="no-such-org/no-such-dataset"))
     small = tmp_path / "small.txt"
     text = next(t for t in (f"a few words {i}" for i in range(100)) if not is_heldout(t, 0.01))
     small.write_text(text + "\n")
-    spec = DataSpec(data_files=[str(small)], max_length=64, eval_fraction=0.01, shuffle_buffer=4)
+    spec = DataArguments(data_files=[str(small)], max_length=64, eval_fraction=0.01, shuffle_buffer=4)
     with pytest.raises(NPTError, match="fewer than one block"):
         TrainStream(open_source(spec), tokenizer, spec, 2).next_batch()
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from npt.cli import main
-from npt.model import load_adapter_weights
+from npt.serialization import load_adapter_weights
+
+pytestmark = pytest.mark.slow
 
 COMMON = ["--max_length", "32", "--eval_blocks", "4", "--num_samples", "1", "--no-progress", "--max_steps", "8",
           "--eval_steps", "0", "--device", "cpu", "--use_adaptive_weights", "--save_steps", "4"]

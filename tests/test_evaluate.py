@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters, tiny_model
+from helpers import randomize_adapters, tiny_model
 
 from npt.capture import capture_teacher
 from npt.evaluate import evaluate, sample_generations
@@ -17,7 +17,7 @@ from npt.model import NPTModel
 @pytest.mark.parametrize("chunk_tokens", [None, 3])
 def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkeypatch):
     if chunk_tokens:  # logits formed 3 tokens at a time, as a big vocabulary would be
-        monkeypatch.setattr("npt.evaluate.kl_chunk_tokens", lambda vocab, device: chunk_tokens)
+        monkeypatch.setattr("npt.kl.kl_chunk_tokens", lambda vocab, device: chunk_tokens)
     npt = NPTModel.convert(tiny_model(seed=1), "0,2", rank=4)
     randomize_adapters(npt)
     g = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def test_zeroed_adapters_give_the_attention_dropped_models_perplexity():
 
 
 def test_sample_generations_show_teacher_and_student():
-    from npt.embedded import train_tokenizer
+    from npt.teachers import train_tokenizer
 
     tok = train_tokenizer(["some text to learn a few merges from"] * 20, 128)
     npt = NPTModel.convert(tiny_model(seed=3, vocab_size=len(tok)), "all", rank=4)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters, tiny_model
+from helpers import randomize_adapters, tiny_model
 
+from npt.architecture import decoder_layers
 from npt.capture import capture_teacher
 from npt.errors import NPTError, UnsupportedArchitectureError
 from npt.layer import NPTAdapter
-from npt.model import NPTModel, decoder_layers
+from npt.model import NPTModel
 
 
 def hand_mlp(layer, x, gate_delta=None):
@@ -49,9 +50,9 @@ def test_known_delta_gives_hand_computed_modulated_mlp():
     out, frob2 = layer.npt_output(h, attn)
     x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
     for t in range(4):  # materialise the per-token delta matrix, which the layer never does
-        z = ad.A.weight @ attn[0, t]
-        v_m = (ad.B_m.weight @ z).view(2, 32)
-        v_f = (ad.B_f.weight @ z).view(2, 64)
+        z = ad.c_a * ad.A.weight @ attn[0, t]
+        v_m = (ad.c_m * ad.B_m.weight @ z).view(2, 32)
+        v_f = (ad.c_f * ad.B_f.weight @ z).view(2, 64)
         delta_w = 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))  # [d_ffn, d_model]
         expected = h[0, t] + hand_mlp(layer.layer, x[0, t], delta_w @ x[0, t])
         torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
@@ -59,15 +60,22 @@ def test_known_delta_gives_hand_computed_modulated_mlp():
 
 
 def test_calibration_gives_unit_rms_and_keeps_attention_dropped_start():
-    ad = NPTAdapter(32, 64, rank=4, num_ranks=2)
-    x, attn = torch.randn(100, 32) * 3, torch.randn(100, 32) * 0.01
-    ad.calibrate_(x, attn)
+    ad = NPTAdapter(32, 64, rank=4, num_ranks=2, scale=1.0)
+    x, attn, gate = torch.randn(100, 32) * 3, torch.randn(100, 32) * 0.01, torch.randn(100, 64) * 0.2
+    weights = {k: v.clone() for k, v in ad.named_parameters()}
+    ad.calibrate_(x, attn, gate)
     v_m, v_f = ad.vectors(attn)
-    z = ad.A(attn)
+    z = ad.c_a * ad.A(attn)
     assert z.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
     coef = torch.einsum("nkd,nd->nk", v_m, x)
     assert coef.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    # a B_f of unit entries would move the gate by about its own RMS (0.2): c_f = RMS(gate) / sqrt(k r)
+    assert ad.c_f.item() == pytest.approx(gate.pow(2).mean().sqrt().item() / (2 * 4) ** 0.5, rel=1e-5)
     assert torch.all(v_f == 0)
+    # only the multipliers changed: the weights keep the unit scale Adam's steps are measured against
+    for k, v in ad.named_parameters():
+        assert torch.equal(v, weights[k]), k
+    assert ad.A.weight.std().item() == pytest.approx(1.0, abs=0.2) and ad.B_m.weight.std().item() == pytest.approx(1.0, abs=0.2)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT, read_scalars
 
 from npt.checkpoint import TRAINING_STATE, find_latest, list_checkpoints, verify
 from npt.cli import main
 from npt.errors import NPTError
-from npt.model import load_adapter_weights
+from npt.serialization import load_adapter_weights
+
+pytestmark = pytest.mark.slow
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -56,8 +58,11 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
     nocol.write_text("".join(json.dumps({"body": f"document number {i} " * 20}) + "\n" for i in range(50)))
     tiny = tmp / "tiny.txt"
     tiny.write_text("".join(f"short line {i}\n" for i in range(3)))
+    empty, blank = tmp / "empty.txt", tmp / "blank.jsonl"
+    empty.write_text("")
+    blank.write_text("\n\n\n")
     return {
-        "unknown loss type": (["--loss_type", "nope"], "invalid choice: 'nope'"),
+        "unknown loss type": (["--loss_type", "nope"], "'nope' is not a registered loss"),
         "negative loss weight": (["--mse_weight", "-0.5"], "--mse_weight -0.5 is negative"),
         "all-zero loss weights": (["--mse_weight", "0", "--cosine_weight", "0"], "both 0"),
         "model path missing": (["--model_name", str(tmp / "no" / "model")], "does not exist"),
@@ -75,13 +80,32 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "cuda without a gpu": (["--device", "cuda"], "no CUDA device"),
         "missing config file": (["--config", str(tmp / "nope.yaml")], "does not exist"),
         "logit KL without free-running": (["--free_running_steps", "0", "--logit_kl_weight", "1"], "acts only in free-running steps"),
+        "empty data file": (["--data_files", str(empty)], "are empty (0 bytes)"),
+        "data file without rows": (["--data_files", str(blank)], "Check that the files hold rows of text"),
+        "layers wired differently (granite)": (["--model_name", str(_granite(tmp, teacher))], "decoder layer 0: its output rebuilt"),
     }
+
+
+def _granite(tmp: Path, teacher: Path) -> Path:
+    """A Granite model (a residual multiplier in every layer) saved with the teacher's tokenizer."""
+    import shutil
+
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    path = tmp / "granite"
+    torch.manual_seed(0)
+    GraniteForCausalLM(GraniteConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=256, residual_multiplier=0.22)).save_pretrained(path)
+    for f in teacher.glob("tokenizer*"):
+        shutil.copy(f, path / f.name)
+    return path
 
 
 CASES = ["unknown loss type", "negative loss weight", "all-zero loss weights", "model path missing", "hub id while offline",
          "unsupported architecture", "adapter rank 0", "adapter rank > hidden", "missing layer", "dataset path missing",
          "no text column", "corpus below one block", "max_length beyond positions", "batch size 0", "bad warmup",
-         "cuda without a gpu", "missing config file", "logit KL without free-running"]
+         "cuda without a gpu", "missing config file", "logit KL without free-running", "empty data file", "data file without rows",
+         "layers wired differently (granite)"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,13 +134,14 @@ def test_output_dir_with_another_run_is_refused_untouched(tmp_path, trained_teac
 def test_resume_with_another_adapter_shape_or_model_is_refused(tmp_path, trained_teacher_dir, capsys, finished_run):
     import shutil
 
-    from npt.embedded import TeacherRecipe, build_teacher, default_corpus
+    from npt.corpus import load_corpus
+    from npt.teachers import TeacherRecipe, build_teacher
 
     before = snapshot(finished_run)
     code, err = run_cli(tiny_args(trained_teacher_dir, finished_run, "--adapter_rank", "8", "--resume_from_checkpoint", "latest"), capsys)
     assert code == 2 and "another model or adapter shape" in err and "rank: checkpoint 4 vs now 8" in err
     other = tmp_path / "other-teacher"
-    build_teacher(other, default_corpus()[:400], TeacherRecipe(vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
+    build_teacher(other, load_corpus()[:400], TeacherRecipe(vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
                                                                  max_position_embeddings=256, seq_len=32, batch_size=4, steps=2, warmup_steps=1), progress=False)
     code, err = run_cli(tiny_args(other, finished_run, "--adapter_rank", "4", "--resume_from_checkpoint", "latest"), capsys)
     assert code == 2 and "base_model" in err
@@ -153,8 +178,8 @@ def test_damaged_checkpoint_is_detected_and_refused(tmp_path, trained_teacher_di
 def test_training_state_never_unpickles_code(tmp_path, finished_run):
     import shutil
 
-    from npt.checkpoint import MANIFEST, load_training_state
-    from npt.model import sha256_file
+    from npt.checkpoint import MANIFEST, load_checkpoint
+    from npt.serialization import sha256_file
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -171,7 +196,7 @@ def test_training_state_never_unpickles_code(tmp_path, finished_run):
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     verify(ckpt)
     with pytest.raises(NPTError, match="Cannot read training state"):
-        load_training_state(ckpt)
+        load_checkpoint(ckpt)
     assert not marker.exists()
     assert (ckpt / "adapter_model.safetensors").read_bytes()[:8]  # adapters are safetensors, not pickle
 
@@ -194,8 +219,6 @@ def _poison(monkeypatch, bad_calls):
 
 
 def test_isolated_nan_steps_are_skipped_counted_and_logged(tmp_path, trained_teacher_dir, capsys, monkeypatch):
-    from test_training import read_scalars
-
     _poison(monkeypatch, {2, 5, 6})
     out = tmp_path / "run"
     code, err = run_cli(tiny_args(trained_teacher_dir, out, "--max_steps", "8", "--logging_steps", "1"), capsys)

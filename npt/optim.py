@@ -1,0 +1,90 @@
+"""Optimisation: its arguments, the optimizer over the adapters, and the learning rate per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.hf_argparser import HfArg
+
+from .errors import NPTError
+from .schedules import lr_factor
+
+
+def resolve_steps(value: str | int | None, max_steps: int, name: str) -> int:
+    """A step count ('300', 300) or a fraction of max_steps ('0.1')."""
+    text = str(value).strip()
+    try:
+        if "." in text or "e" in text.lower():
+            frac = float(text)
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError
+            return int(round(frac * max_steps))
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise NPTError(
+            f"--{name} {value!r} is neither a step count nor a fraction in [0, 1].",
+            "Pass a count such as 100 or a fraction of --max_steps such as 0.1.",
+        ) from None
+
+
+@dataclasses.dataclass
+class OptimArguments:
+    learning_rate: float = HfArg(default=1e-2, help="Peak learning rate of the adapters (AdamW).")
+    weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
+    adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")
+    adam_eps: float = HfArg(default=1e-8, aliases=["--adam_epsilon"], help="AdamW eps.")
+    max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping norm (0 disables).")
+    warmup_steps: str = HfArg(default="0.1", help="Learning-rate warm-up (and default curriculum length): a count, or a fraction of max_steps such as 0.1.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = HfArg(default="cosine", aliases=["--lr_scheduler_type"], help="Decay after warm-up.")
+    min_lr_ratio: float = HfArg(default=0.1, help="Final learning rate as a fraction of the peak.")
+    batch_size: int = HfArg(default=8, aliases=["--per_device_train_batch_size"], help="Blocks per micro-batch per process.")
+    gradient_accumulation_steps: int = HfArg(default=1, help="Micro-batches per optimizer step.")
+    max_steps: int = HfArg(default=2000, help="Optimizer steps.")
+    adaptive_weights_lr: float = HfArg(default=0.01, help="Learning rate of the adaptive layer weights.")
+
+    def __post_init__(self):
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise NPTError(f"--{name} {getattr(self, name)} is negative.", f"Pass --{name} >= 0.")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                raise NPTError(f"--{name} {getattr(self, name)} must be at least 1.", f"Pass --{name} >= 1.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise NPTError(f"--learning_rate {self.learning_rate} must be a positive number.", "Pass e.g. --learning_rate 1e-3.")
+        if not self.adaptive_weights_lr > 0:
+            raise NPTError(f"--adaptive_weights_lr {self.adaptive_weights_lr} must be positive.", "Pass e.g. 0.01.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise NPTError(f"--min_lr_ratio {self.min_lr_ratio} is outside [0, 1].", "Pass e.g. 0.1.")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise NPTError("AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
+        resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
+
+    @property
+    def warmup(self) -> int:
+        return resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
+
+    def lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.warmup, self.max_steps, self.lr_scheduler, self.min_lr_ratio)
+
+
+def build_optimizer(args: OptimArguments, adapters: list[nn.Parameter], loss_module: nn.Module | None) -> torch.optim.Optimizer:
+    """AdamW over the adapters, and over the loss module's own parameters (the adaptive layer
+    weights) with their own learning rate. Each group keeps its peak rate as `base_lr`."""
+    groups = [{"params": adapters, "lr": args.learning_rate, "weight_decay": args.weight_decay, "base_lr": args.learning_rate}]
+    extra = [p for p in loss_module.parameters()] if loss_module is not None else []
+    if extra:
+        groups.append({"params": extra, "lr": args.adaptive_weights_lr, "weight_decay": 0.0, "base_lr": args.adaptive_weights_lr})
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: tiny model configs, adapter randomisation, the tiny teacher recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from npt.model import randomize_adapters  # noqa: F401 (re-exported for the tests)
+from npt.teachers import TeacherRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A teacher small enough to train in ~15 s on 2 cores, trained enough that attention matters.
+TINY_RECIPE = TeacherRecipe(
+    vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
+    max_position_embeddings=256, seq_len=64, batch_size=32, steps=250, learning_rate=6e-3, warmup_steps=20,
+)
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+    return cls(**(base | overrides))
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), attn_implementation="sdpa")
+    return model.eval()
+
+
+def load_script(name: str):
+    """A tool of scripts/ (outside the package), imported by path."""
+    spec = importlib.util.spec_from_file_location(f"npt_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_env(**extra: str) -> dict:
+    """The environment for a tool or the main job in a subprocess: the package importable from
+    the checkout, whether or not it is installed."""
+    return os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")} | extra
+
+
+def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalars a run wrote to TensorBoard."""
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}

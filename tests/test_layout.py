@@ -1,0 +1,47 @@
+"""The house keeps its shape: one-way imports in the order of docs/architecture.md, no imports
+inside functions, every module importable on its own."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, script_env
+
+# The flow of docs/architecture.md: a module may import only modules before it.
+ORDER = ["errors", "corpus", "data", "teachers", "architecture", "capture", "verify", "layer", "serialization", "distributed",
+         "loading", "model", "schedules", "weighting", "losses", "kl", "objective", "evaluate", "monitor", "metrics", "optim",
+         "checkpoint", "run", "config", "train", "inject", "commands", "cli"]
+PACKAGE = ROOT / "npt"
+
+
+def modules() -> list[str]:
+    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def test_every_module_is_placed_in_the_flow_and_imports_only_what_comes_before_it():
+    assert modules() == sorted(ORDER)
+    for name in ORDER:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported = (node.module or "").split(".")[0]
+                assert ORDER.index(imported) < ORDER.index(name), f"npt.{name} imports npt.{imported}, which comes after it"
+
+
+def test_no_module_imports_inside_a_function():
+    for name in ORDER:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not inner, f"npt.{name}.{fn.name} imports inside the function (line {inner[0].lineno})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ORDER)
+def test_each_module_imports_on_its_own(name):
+    proc = subprocess.run([sys.executable, "-c", f"import npt.{name}"], capture_output=True, text=True, timeout=300, env=script_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,48 @@
+"""Every stage in seconds, for `pytest -m "not slow"`: a micro teacher built from synthetic text,
+a few training steps with evaluation and checkpoints, a resume, and the three commands that use the
+adapters. The slow tests check each stage's behaviour in depth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from npt.cli import eval_main, generate_main, inject_main, main
+
+def test_train_resume_evaluate_generate_inject_in_seconds(micro_teacher, tmp_path, capsys):
+    teacher, text = micro_teacher
+    out = tmp_path / "run"
+    flags = ["--model_name", str(teacher), "--data_files", str(text), "--max_length", "16", "--batch_size", "4", "--eval_blocks", "4",
+             "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--num_samples", "1", "--no-progress", "--output_dir", str(out)]
+    assert main([*flags, "--max_steps", "4"]) == 0
+    assert main([*flags, "--max_steps", "6", "--resume_from_checkpoint", "latest"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and [h["step"] for h in summary["eval_history"]] == [0, 2, 4, 6]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoints" / "step-00000006").is_dir()
+    capsys.readouterr()
+
+    assert eval_main([str(out / "adapter")]) == 0
+    report = json.loads((out / "adapter" / "eval.json").read_text())
+    assert report["kl"] == pytest.approx(summary["eval"]["kl"], rel=1e-6)
+    assert generate_main([str(out / "adapter"), "--prompt", "the list", "--max_new_tokens", "4"]) == 0
+    assert "| student" in capsys.readouterr().out
+    assert inject_main([str(out / "adapter"), "--context", "the list returns a number value", "--output_dir", str(tmp_path / "inj"),
+                        "--heldout_blocks", "2"]) == 0
+    assert (tmp_path / "inj" / "config.json").is_file() and json.loads((tmp_path / "inj" / "injection.json").read_text())["after"]
+
+
+def test_the_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
+    assert eval_main([str(tmp_path / "no-adapter")]) == 2
+    assert "No adapter_config.json" in capsys.readouterr().err
+    assert generate_main([str(tmp_path / "no-adapter"), "--promt", "x"]) == 2
+    assert "did you mean --prompt?" in capsys.readouterr().err
+
+
+def test_a_built_in_corpus_is_built_once_and_read_from_its_cache(tmp_path):
+    from npt.corpus import load_corpus
+
+    docs = load_corpus("prose", tmp_path)  # the smallest (the language reference's paragraphs)
+    assert len(docs) > 1000 and sum(" the " in d for d in docs) > len(docs) / 2
+    assert [p.name for p in tmp_path.glob("corpus-prose-*.jsonl")] and load_corpus("prose", tmp_path) == docs
