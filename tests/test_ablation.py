@@ -9,6 +9,8 @@ import sys
 import pytest
 from helpers import ROOT, script_env
 
+from npt.model import AdapterArguments
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,7 +34,7 @@ def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_te
     assert cfgs["mse (baseline loss)"]["loss_type"] == "mse" and cfgs["standard recipe (adaptive + penalty)"]["use_gradient_penalty"]
     guide = cfgs["guide's setting: k=1, teacher forcing only"]
     assert (guide["num_ranks"], guide["free_running_steps"], guide["logit_kl_weight"]) == (1, "0", 0.0)
-    assert cfgs["mse (baseline loss)"]["num_ranks"] == 4 and cfgs["mse (baseline loss)"]["logit_kl_weight"] == 1.0
+    assert cfgs["mse (baseline loss)"]["num_ranks"] == AdapterArguments.num_ranks and cfgs["mse (baseline loss)"]["logit_kl_weight"] == 1.0
     assert {c["max_steps"] for c in cfgs.values()} == {10} and len({c["model_name"] for c in cfgs.values()}) == 1
     png = (out / "heldout_error.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
