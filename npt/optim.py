@@ -36,7 +36,7 @@ def resolve_steps(value: str | int | None, max_steps: int, name: str) -> int:
 
 @dataclasses.dataclass
 class OptimArguments:
-    learning_rate: float = HfArg(default=1e-2, help="Peak learning rate of the adapters (AdamW).")
+    learning_rate: float = HfArg(default=2e-2, help="Peak learning rate of the adapters (AdamW).")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
     adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")

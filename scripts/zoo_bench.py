@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from npt.config import parse_args
 from npt.errors import NPTError
 from npt.loading import resolve_model_path
@@ -72,11 +74,12 @@ def table(rows: list[dict], flags: list[str]) -> str:
         warnings = ", ".join(s["warnings"]) or "none"
         lines.append(
             f"| {row['model']} | {t['architecture']} | {t['layers']} x {t['hidden']} | {t['gqa']} | {t['vocab']} | {t['corpus']} "
-            f"| {t['teacher_ppl']:.2f} | {b['ppl_ratio']:.3f} | **{e['ppl_ratio']:.3f}** | {b['kl']:.3f} -> {e['kl']:.3f} "
+            f"| {e['teacher_ppl']:.2f} | {b['ppl_ratio']:.3f} | **{e['ppl_ratio']:.3f}** | {b['kl']:.3f} -> {e['kl']:.3f} "
             f"| {' / '.join(f'{r:.2f}' for r in e['rel_error'])} | {s['train_seconds']:.0f} | {warnings} | {len(s['rollbacks'])} |"
         )
     steps = rows[0]["summary"]["steps"]
-    lines += ["", f"Recipe: the defaults{' plus `' + ' '.join(flags) + '`' if flags else ''}, {steps} steps per teacher, on 2 CPU cores."]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s)"
+    lines += ["", f"Recipe: the defaults{' plus `' + ' '.join(flags) + '`' if flags else ''}, {steps} steps per teacher, on {device}."]
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ def test_from_pretrained_loads_the_base_model_named_in_the_config(tmp_path, micr
             assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
 
 
-def test_adapter_file_of_the_default_model_is_small(tmp_path):
+def test_adapter_file_of_the_default_model_holds_the_adapters_only(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from npt.model import AdapterArguments
@@ -59,8 +59,15 @@ def test_adapter_file_of_the_default_model_is_small(tmp_path):
     npt.save_pretrained(tmp_path)
     size = (tmp_path / ADAPTER_WEIGHTS).stat().st_size
     n_adapter = sum(p.numel() for p in npt.adapter_parameters())
-    assert size < n_adapter * 4 + 4096  # the adapters and a header, nothing else
-    assert size < 0.25 * base_bytes
+    assert n_adapter * 4 <= size < n_adapter * 4 + 4096  # the adapters in float32 and a header, nothing else
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / ADAPTER_WEIGHTS), "pt") as f:
+        names = list(f.keys())
+    assert sorted({n.split(".", 2)[2] for n in names}) == ["A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m"], names
+    # k = r = 16 on this 1.3M-parameter teacher: the adapters are about half its size (on a
+    # Llama-3.2-1B they would be 3.4%); the file must still be far from a copy of the model.
+    assert size < 0.6 * base_bytes
 
 
 def test_damaged_or_mismatched_adapters_are_refused(tmp_path):
