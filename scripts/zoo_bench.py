@@ -89,16 +89,21 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # left: the whole run (before training the ratio can be 1e7); right: from the first evaluation on
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5))
     for row in rows:
         hist = row["summary"]["eval_history"]
-        ax.plot([h["step"] for h in hist], [h["ppl_ratio"] for h in hist], marker="o", ms=3, label=row["model"])
-    ax.axhline(1.10, color="grey", ls=":", lw=1)
-    ax.axhline(1.25, color="grey", ls="--", lw=1)
-    ax.set(xlabel="optimizer step", ylabel="student / teacher perplexity (free-running, held-out)", yscale="log",
-           title="The default recipe on the teacher zoo")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        steps, ratios = [h["step"] for h in hist], [h["ppl_ratio"] for h in hist]
+        full.plot(steps, ratios, marker="o", ms=3, label=row["model"])
+        zoom.plot(steps[1:], ratios[1:], marker="o", ms=3, label=row["model"])
+    for ax in (full, zoom):
+        ax.axhline(1.10, color="grey", ls=":", lw=1)
+        ax.axhline(1.25, color="grey", ls="--", lw=1)
+        ax.set(xlabel="optimizer step")
+        ax.grid(alpha=0.3)
+    full.set(ylabel="student / teacher perplexity (free-running, held-out)", yscale="log", title="The default recipe on the teacher zoo")
+    zoom.set(title="After the first evaluation (dotted 1.10, dashed 1.25)")
+    zoom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
