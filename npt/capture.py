@@ -94,6 +94,18 @@ def _forward(model: nn.Module, input_ids, attention_mask, with_logits: bool, wit
     return None
 
 
+def _record_forward(npt_model, input_ids, attention_mask, with_logits: bool, stop_early: bool, with_final_hidden: bool,
+                    attention: bool) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
+    """One forward of `npt_model.model` in its current mode with every converted layer recorded;
+    without logits or final hidden state asked for, it stops after the last converted layer."""
+    layers = npt_model.npt_layers
+    stop = max(layers) if stop_early and not (with_logits or with_final_hidden) else None
+    out = None
+    with record_layers(layers, attention=attention, stop_after=stop) as records:
+        out = _forward(npt_model.model, input_ids, attention_mask, with_logits, with_final_hidden)
+    return records, out
+
+
 @torch.no_grad()
 def capture_teacher(
     npt_model,
@@ -106,12 +118,8 @@ def capture_teacher(
     """Run the teacher once and return {layer index: LayerRecord} (with attention outputs) and,
     if asked, the logits or the final hidden state. Otherwise the forward stops right after the
     last converted layer: the layers above it, the final norm and the LM head are not computed."""
-    layers = npt_model.npt_layers
-    stop = max(layers) if stop_early and not (with_logits or with_final_hidden) else None
-    out = None
-    with npt_model.teacher_mode(), record_layers(layers, attention=True, stop_after=stop) as records:
-        out = _forward(npt_model.model, input_ids, attention_mask, with_logits, with_final_hidden)
-    return records, out
+    with npt_model.teacher_mode():
+        return _record_forward(npt_model, input_ids, attention_mask, with_logits, stop_early, with_final_hidden, attention=True)
 
 
 def run_student(
@@ -125,15 +133,11 @@ def run_student(
     """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
     every converted layer's record (output and per-token regulariser) and, if asked, the logits
     or the final hidden state. Otherwise the forward stops after the last converted layer."""
-    layers = npt_model.npt_layers
-    stop = max(layers) if stop_early and not (with_logits or with_final_hidden) else None
-    out = None
-    for layer in layers.values():
+    layers = npt_model.npt_layers.values()
+    for layer in layers:
         layer.keep_regularizer = True
     try:
-        with record_layers(layers, stop_after=stop) as records:
-            out = _forward(npt_model.model, input_ids, attention_mask, with_logits, with_final_hidden)
+        return _record_forward(npt_model, input_ids, attention_mask, with_logits, stop_early, with_final_hidden, attention=False)
     finally:
-        for layer in layers.values():
+        for layer in layers:
             layer.keep_regularizer = False
-    return records, out
