@@ -25,10 +25,11 @@ from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, heldout_blocks, open_source
 from .errors import NPTError
 from .evaluate import evaluate
-from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions, perplexity
+from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
 from .serialization import read_adapter_config, resolve_adapter_dir
+from .teachers import perplexity
 
 
 @dataclasses.dataclass
@@ -189,9 +190,9 @@ def run_inject(adapter: str, args: InjectArguments, data: DataArguments, load_ar
 
     deltas = context_deltas(npt, context, layers, positions)
     model = npt.unload()  # the teacher: the plain base model
-    before = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks)}
+    before = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks, batch_size=8)}
     add_to_gates(model, deltas, args.alpha)
-    after = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks)}
+    after = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks, batch_size=8)}
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)

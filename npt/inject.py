@@ -15,8 +15,6 @@ held-out perplexity, before and after.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .architecture import decoder_layers
@@ -61,17 +59,6 @@ def continuation_loss(model, prompt_ids: torch.Tensor, continuation_ids: torch.T
     ids = torch.cat([prompt_ids, continuation_ids], dim=1)
     logits = model(input_ids=ids, use_cache=False).logits[0, prompt_ids.shape[1] - 1 : -1].float()
     return torch.nn.functional.cross_entropy(logits, continuation_ids[0]).item()
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        x = blocks[start : start + batch_size]
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def add_to_gates(model, deltas: dict[int, torch.Tensor], alpha: float) -> None:

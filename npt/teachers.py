@@ -138,6 +138,8 @@ def _blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
+    """exp of the mean next-token loss over full blocks: a built teacher's quality, and the damage
+    an injection does (npt-inject)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
