@@ -2,7 +2,7 @@
 written to a checkpoint folder and read back into the same structure.
 
     state = {"adapters": ..., "optimizer": ..., "loss": ..., "generator": ..., "torch_rng": ...,
-             "monitor": ..., "progress": ..., "eval_history": ..., "start_eval": ..., "best": ...,
+             "monitor": ..., "progress": ..., "eval_history": ..., "policy": ..., "best": ...,
              "data": ..., "config": ...}
 
     <output_dir>/checkpoints/step-00000100/
@@ -52,7 +52,7 @@ class Trainee(Protocol):
     progress: Any
     stream: Any
     eval_history: list
-    start_eval: dict | None
+    policy: Any  # the divergence policy (its references)
     best: dict | None
     sharded: bool
 
@@ -71,7 +71,7 @@ def collect_state(run: Trainee, with_data: bool = True) -> dict:
         "monitor": run.monitor.state_dict(),
         "progress": dataclasses.asdict(run.progress),
         "eval_history": json.loads(json.dumps(run.eval_history)),
-        "start_eval": run.start_eval,
+        "policy": run.policy.state_dict(),
         "best": run.best,
     }
     if with_data:
@@ -82,17 +82,26 @@ def collect_state(run: Trainee, with_data: bool = True) -> dict:
 def apply_state(run: Trainee, state: dict, with_data: bool = True) -> None:
     """Put `state` back into the run (everything `collect_state` took; the data position only
     with `with_data`). Collective under FSDP."""
+    restore_training(run, state)
+    run.monitor.load_state_dict(state["monitor"])
+    run.progress = type(run.progress)(**state["progress"])
+    run.eval_history = list(state["eval_history"])
+    # checkpoints of version 0.2 kept only the evaluation before training
+    run.policy.load_state_dict(state.get("policy") or {"start": state.get("start_eval"), "reference": {}, "last_good": None, "strikes": 0})
+    run.best = state["best"]
+    if with_data:
+        run.stream.load_state_dict(state["data"])
+
+
+def restore_training(run: Trainee, state: dict) -> None:
+    """A rollback: what the optimisation depends on (adapters, the optimizer's moments, the
+    loss's own weights, the random streams) back to `state`. The step count, the records and the
+    data position go on. Collective under FSDP."""
     run.npt.load_adapter_state_dict(state["adapters"])
     load_optimizer_state(run.optimizer.optimizer, run.objective, state["optimizer"], run.sharded)
     load_full_state_dict(run.loss, state["loss"])
     run.objective_module.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    run.monitor.load_state_dict(state["monitor"])
-    run.progress = type(run.progress)(**state["progress"])
-    run.eval_history = list(state["eval_history"])
-    run.start_eval, run.best = state["start_eval"], state["best"]
-    if with_data:
-        run.stream.load_state_dict(state["data"])
 
 
 # ---- on disk ----------------------------------------------------------------------------------------

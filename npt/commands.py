@@ -24,7 +24,7 @@ from .architecture import resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, heldout_blocks, open_source
 from .errors import NPTError
-from .evaluate import evaluate
+from .evaluate import evaluate, greedy_match
 from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
@@ -78,6 +78,8 @@ class EvalArguments:
     documents: Literal["auto", "heldout", "all"] = HfArg(
         default="auto", help="Which documents give the blocks: the held-out split, or all of them (auto: held-out for the run's own data, all for other text).")
     output_json: str | None = HfArg(default=None, help="Where the numbers go (default: <adapter>/eval.json).")
+    greedy_prompts: int = HfArg(default=16, help="Prompts (the first 32 tokens of blocks) whose greedy continuations are compared; 0: none.")
+    greedy_tokens: int = HfArg(default=32, help="Tokens generated per prompt for the greedy match.")
 
 
 def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: bool, load_args: LoadArguments) -> dict:
@@ -86,8 +88,12 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     every = args.documents == "all" or (args.documents == "auto" and not own_data)
     blocks = heldout_blocks(open_source(data), tokenizer, data, every_document=every)
     result = evaluate(npt, blocks.to(npt.device), args.eval_batch_size)
+    samples = []
+    if args.greedy_prompts:
+        result.greedy_match, samples = greedy_match(npt, tokenizer, blocks, args.greedy_prompts, new_tokens=args.greedy_tokens)
+        result.greedy_tokens, result.greedy_prompts = args.greedy_tokens, len(samples)
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
-              "blocks": len(blocks), "max_length": data.max_length} | result.record()
+              "blocks": len(blocks), "max_length": data.max_length} | result.record() | {"greedy_samples": samples}
     out = Path(args.output_json) if args.output_json else folder / "eval.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(result.table())

@@ -67,6 +67,9 @@ class Config:
         if self.loss.logit_kl_weight > 0 and self.free_running == 0:
             raise NPTError("--logit_kl_weight acts only in free-running steps, and --free_running_steps is 0.",
                            "Add --free_running_steps (e.g. 0.3), or pass --logit_kl_weight 0.")
+        if self.free_running and self.loss.logit_kl_weight == 0 and self.loss.free_running_layer_weight == 0:
+            raise NPTError("--free_running_layer_weight 0 and --logit_kl_weight 0: free-running steps would train nothing.",
+                           "Give one of them a positive weight (the default: the logit KL, weight 1).")
         if self.run.fsdp and self.loss.use_gradient_penalty:
             raise NPTError("--use_gradient_penalty does not work with --fsdp: its double backward runs through layers whose weights FSDP has already freed.",
                            "Drop one of them (configs/standard.yaml and difficult.yaml turn the penalty on: add --no-use_gradient_penalty).")

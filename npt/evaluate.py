@@ -7,6 +7,11 @@ Per converted layer, teacher-forced (student layer i gets the teacher's input):
 Running the student freely (each NPT layer feeds the next, as in deployment):
     kl          mean over predicted tokens of KL(teacher || student) of the next-token distributions
     teacher_ppl, student_ppl   exp of the mean next-token negative log-likelihood
+    top1_agreement   share of predicted positions where teacher and student rank the same token first
+Generating (`greedy_match`): from held-out prompts, teacher and student each continue greedily for
+`new_tokens` tokens; the match is the number of leading tokens that are identical (new_tokens:
+the same continuation), averaged over prompts. A student can sit close to its teacher's
+perplexity and still part ways at the first generated token; this is what a user sees.
 Padding is excluded everywhere. `evaluate_sums` returns sums so that processes can add theirs.
 """
 
@@ -33,6 +38,10 @@ class EvalResult:
     teacher_ppl: float
     student_ppl: float
     tokens: int
+    top1_agreement: float = float("nan")
+    greedy_match: float | None = None  # mean identical leading tokens of greedy continuations, when measured
+    greedy_tokens: int = 0  # tokens generated per prompt for greedy_match
+    greedy_prompts: int = 0
 
     @property
     def rel_error_mean(self) -> float:
@@ -44,18 +53,25 @@ class EvalResult:
 
     def record(self) -> dict:
         """The result as the run's summary and `npt-eval` write it."""
-        return {"rel_error_mean": self.rel_error_mean, "rel_error": self.rel_error, "update_cosine": self.update_cosine, "kl": self.kl,
-                "teacher_ppl": self.teacher_ppl, "student_ppl": self.student_ppl, "ppl_ratio": self.ppl_ratio, "tokens": self.tokens}
+        out = {"rel_error_mean": self.rel_error_mean, "rel_error": self.rel_error, "update_cosine": self.update_cosine, "kl": self.kl,
+               "top1_agreement": self.top1_agreement, "teacher_ppl": self.teacher_ppl, "student_ppl": self.student_ppl,
+               "ppl_ratio": self.ppl_ratio, "tokens": self.tokens}
+        if self.greedy_match is not None:
+            out |= {"greedy_match": self.greedy_match, "greedy_tokens": self.greedy_tokens, "greedy_prompts": self.greedy_prompts}
+        return out
 
     def scalars(self) -> dict[str, float]:
         out = {
             "eval/rel_error_mean": self.rel_error_mean,
             "eval/update_cosine_mean": sum(self.update_cosine) / len(self.update_cosine),
             "eval/kl": self.kl,
+            "eval/top1_agreement": self.top1_agreement,
             "eval/teacher_ppl": self.teacher_ppl,
             "eval/student_ppl": self.student_ppl,
             "eval/ppl_ratio": self.ppl_ratio,
         }
+        if self.greedy_match is not None:
+            out["eval/greedy_match"] = self.greedy_match
         for i, r, c in zip(self.layers, self.rel_error, self.update_cosine):
             out[f"eval/rel_error/layer_{i:02d}"] = r
             out[f"eval/update_cosine/layer_{i:02d}"] = c
@@ -67,9 +83,11 @@ class EvalResult:
         rows.append(f"| mean | {self.rel_error_mean:.4f} | {sum(self.update_cosine) / len(self.update_cosine):.4f} |")
         rows.append("")
         rows.append(
-            f"free-running: KL(teacher||student) {self.kl:.4f} nats/token, perplexity teacher {self.teacher_ppl:.2f}, "
-            f"student {self.student_ppl:.2f} (ratio {self.ppl_ratio:.3f}), {self.tokens} tokens"
+            f"free-running: KL(teacher||student) {self.kl:.4f} nats/token, top-1 agreement {self.top1_agreement:.1%}, "
+            f"perplexity teacher {self.teacher_ppl:.2f}, student {self.student_ppl:.2f} (ratio {self.ppl_ratio:.3f}), {self.tokens} tokens"
         )
+        if self.greedy_match is not None:
+            rows.append(f"greedy continuations: {self.greedy_match:.1f} of {self.greedy_tokens} tokens identical on average, {self.greedy_prompts} prompts")
         return "\n".join(rows)
 
 
@@ -80,9 +98,9 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
     device = npt_model.device
     layers = list(npt_model.npt_layers)
     if len(blocks) == 0:  # more processes than held-out blocks
-        return torch.zeros(4 * len(layers) + 4, dtype=torch.float64, device=device)
+        return torch.zeros(4 * len(layers) + 5, dtype=torch.float64, device=device)
     per_layer = torch.zeros(len(layers), 4, dtype=torch.float64, device=device)
-    logit_sums = torch.zeros(4, dtype=torch.float64, device=device)
+    logit_sums = torch.zeros(5, dtype=torch.float64, device=device)
     # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
     # is whole only inside the model's own forward.
     fused = not is_sharded(npt_model.model)
@@ -105,15 +123,15 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
         else:
             s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
-        logit_sums[:3] += next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
-        logit_sums[3] += valid.sum()
+        logit_sums[:4] += next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
+        logit_sums[4] += valid.sum()
     return torch.cat([per_layer.flatten(), logit_sums])
 
 
 def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
     n = len(layers)
     per_layer = sums[: 4 * n].view(n, 4).cpu()
-    kl, t_nll, s_nll, count = sums[4 * n :].tolist()
+    kl, t_nll, s_nll, agree, count = sums[4 * n :].tolist()
     count = max(count, 1.0)
     return EvalResult(
         layers=list(layers),
@@ -123,6 +141,7 @@ def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
         teacher_ppl=math.exp(t_nll / count),
         student_ppl=math.exp(s_nll / count),
         tokens=int(count),
+        top1_agreement=agree / count,
     )
 
 
@@ -146,23 +165,40 @@ def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, att
 
 
 @torch.no_grad()
+def greedy_continuations(npt_model: NPTModel, prompts: torch.Tensor, new_tokens: int, pad_token_id: int | None,
+                         synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuations [P, new_tokens] of equal-length `prompts` [P, L] by the teacher and by
+    the free-running student. Both generate exactly `new_tokens` tokens (end-of-sequence is held
+    back until then, for both alike), so that every position can be compared. `synced` (sharded
+    models): every process keeps stepping until all have finished."""
+    prompts = prompts.to(npt_model.device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                  synced_gpus=synced, attention_mask=torch.ones_like(prompts))
+    with npt_model.teacher_mode():
+        t = npt_model.generate(input_ids=prompts, **kwargs)[:, prompts.shape[1]:]
+    s = npt_model.generate(input_ids=prompts, **kwargs)[:, prompts.shape[1]:]
+    return t, s
+
+
+def leading_matches(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of leading positions where `t` and `s` hold the same token."""
+    return (t == s).int().cumprod(-1).sum(-1)
+
+
+def greedy_match(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num_prompts: int = 16, prompt_len: int = 32, new_tokens: int = 32,
+                 synced: bool = False) -> tuple[float, list[dict]]:
+    """The mean number of identical leading tokens of teacher and student greedy continuations
+    of the first `num_prompts` held-out blocks' first `prompt_len` tokens, and the texts."""
+    prompts = blocks[:num_prompts, : min(prompt_len, blocks.shape[1])]
+    t, s = greedy_continuations(npt_model, prompts, new_tokens, tokenizer.pad_token_id, synced)
+    matches = leading_matches(t, s).tolist()
+    samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "teacher": tokenizer.decode(a, skip_special_tokens=True),
+                "student": tokenizer.decode(b, skip_special_tokens=True), "identical_tokens": m}
+               for p, a, b, m in zip(prompts.tolist(), t.tolist(), s.tolist(), matches)]
+    return sum(matches) / max(len(matches), 1), samples
+
+
 def sample_generations(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num: int, prompt_len: int = 16, new_tokens: int = 32,
-                       synced: bool = False) -> list[dict[str, str]]:
-    """Greedy continuations of held-out prompts by the teacher and by the free-running student.
-    `synced` (sharded models): every process keeps stepping until all have finished, since a
-    process that stopped early at an EOS would leave the others waiting in a collective."""
-    out = []
-    for block in blocks[:num]:
-        prompt = block[:prompt_len].unsqueeze(0).to(npt_model.device)
-        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
-        with npt_model.teacher_mode():
-            t = npt_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-        s = npt_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-        out.append(
-            {
-                "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
-                "teacher": tokenizer.decode(t[0, prompt_len:], skip_special_tokens=True),
-                "student": tokenizer.decode(s[0, prompt_len:], skip_special_tokens=True),
-            }
-        )
-    return out
+                       synced: bool = False) -> list[dict]:
+    """Greedy continuations of held-out prompts by the teacher and by the free-running student."""
+    return greedy_match(npt_model, tokenizer, blocks, num, prompt_len, new_tokens, synced)[1]

@@ -18,6 +18,7 @@ from transformers.hf_argparser import HfArg
 
 from .architecture import check_layer_supported, decoder_layers
 from .errors import NPTError
+from .gguf import PACKAGED, ensure_folder, is_gguf, packaged_file
 from .teachers import EMBEDDED_NAME, ZOO_PREFIX, ensure_named_teacher, zoo_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,19 +27,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclasses.dataclass
 class ModelArguments:
     model_name: str | None = HfArg(default=None, aliases=["--model_name_or_path"],
-                                   help="Teacher: hub id or local folder of a Llama-family causal LM, or zoo:<name> (a built-in teacher). Default: the embedded teacher (built offline on first use).")
+                                   help="Teacher: hub id or local folder of a Llama-family causal LM, a .gguf file (or a folder holding one), or zoo:<name> (a built-in teacher, or zoo:smollm2-135m). Default: the embedded teacher (built offline on first use).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = HfArg(default="auto", aliases=["--torch_dtype"], help="Dtype of the frozen base weights (auto: bfloat16 on CUDA when supported, float32 on CPU).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = HfArg(default="sdpa", help="HF attention implementation of the teacher.")
 
     def __post_init__(self):
         if self.model_name and self.model_name.startswith(ZOO_PREFIX):
-            zoo_recipe(self.model_name)  # an unknown zoo name is refused here, before anything loads
+            key = self.model_name.removeprefix(ZOO_PREFIX)
+            if key in PACKAGED:
+                packaged_file(key)  # a missing package is refused here, before anything loads
+            else:
+                zoo_recipe(self.model_name)  # and so is an unknown zoo name
 
     @property
     def default_corpus(self) -> str:
         """The built-in corpus a built-in teacher was trained on (docstrings for any other model)."""
         if self.model_name and self.model_name.startswith(ZOO_PREFIX):
-            return zoo_recipe(self.model_name).corpus
+            key = self.model_name.removeprefix(ZOO_PREFIX)
+            return PACKAGED[key].corpus if key in PACKAGED else zoo_recipe(self.model_name).corpus
         return "docstrings"
 
 
@@ -56,15 +62,20 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
 
 
-def resolve_model_path(name_or_path: str | None) -> str:
+def resolve_model_path(name_or_path: str | None, dtype: torch.dtype = torch.float32) -> str:
     """A local folder or a hub id; None means the embedded default and `zoo:<name>` a teacher of
-    the zoo (both built on first use)."""
+    the zoo (both built on first use); a GGUF file (or a folder holding one) and a packaged real
+    checkpoint (zoo:smollm2-135m) become a folder dequantized to `dtype` (cached after the first use)."""
+    if name_or_path and name_or_path.removeprefix(ZOO_PREFIX) in PACKAGED and name_or_path.startswith(ZOO_PREFIX):
+        return str(ensure_folder(packaged_file(name_or_path.removeprefix(ZOO_PREFIX)), dtype, source=name_or_path))
     if not name_or_path or name_or_path == EMBEDDED_NAME or name_or_path.startswith(ZOO_PREFIX):
         return str(ensure_named_teacher(name_or_path or EMBEDDED_NAME))
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if is_gguf(path):
+            return str(ensure_folder(path, dtype))
         if not (path / "config.json").is_file():
-            raise NPTError(f"{name_or_path} has no config.json: it is not a saved HF model folder.", "Pass a folder written by save_pretrained, or a hub id.")
+            raise NPTError(f"{name_or_path} has no config.json: it is not a saved HF model folder.", "Pass a folder written by save_pretrained, a .gguf file, or a hub id.")
         return str(path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
@@ -108,10 +119,10 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """Load a supported teacher and its tokenizer, frozen and in eval mode."""
-    path = resolve_model_path(name_or_path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    path = resolve_model_path(name_or_path, torch_dtype)
     config = load_config(path)
     check_architecture(config, path)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)

@@ -57,6 +57,7 @@ class LossConfig:
     smooth_beta: float = HfArg(default=1.0, help="Beta of the smooth L1 term of smooth_l1_mse.")
     free_running_steps: str = HfArg(default="0.6", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below.")
     logit_kl_weight: float = HfArg(default=1.0, help="Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.")
+    free_running_layer_weight: float = HfArg(default=1.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1). Running freely, layer i's error adds up those of every layer below.")
 
     def __post_init__(self):
         def need(ok: bool, cause: str, fix: str) -> None:
@@ -64,7 +65,7 @@ class LossConfig:
                 raise NPTError(cause, fix)
 
         need(self.loss_type in LOSSES, f"--loss_type {self.loss_type!r} is not a registered loss.", f"Use one of {', '.join(sorted(LOSSES))}.")
-        for name in ("mse_weight", "cosine_weight", "regularization_lambda", "gradient_penalty_lambda", "focal_gamma", "logit_kl_weight"):
+        for name in ("mse_weight", "cosine_weight", "regularization_lambda", "gradient_penalty_lambda", "focal_gamma", "logit_kl_weight", "free_running_layer_weight"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"--{name} {value} is negative or not finite.", f"Pass --{name} >= 0.")
         if self.loss_type == "improved_npt":
@@ -222,6 +223,7 @@ class NPTLoss(nn.Module):
         grad_penalty: torch.Tensor | None,
         step: int,
         logit_kl: torch.Tensor | None = None,
+        free_running: bool = False,
     ) -> LossOutput:
         cfg = self.cfg
         c, temperature = self.schedule(step)
@@ -235,7 +237,7 @@ class NPTLoss(nn.Module):
             alignment = layer_loss.mean()
             balance = None
         reg = regularization.mean()
-        total = alignment + c * cfg.regularization_lambda * reg
+        total = (cfg.free_running_layer_weight if free_running else 1.0) * alignment + c * cfg.regularization_lambda * reg
         gp = grad_penalty if grad_penalty is not None else torch.zeros((), device=total.device)
         if grad_penalty is not None:
             total = total + c * cfg.gradient_penalty_lambda * grad_penalty

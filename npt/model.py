@@ -23,6 +23,7 @@ from transformers.hf_argparser import HfArg
 from .architecture import check_layer_supported, decoder_layers, resolve_layers
 from .distributed import copy_full_into, full_tensor
 from .errors import NPTError
+from .gguf import recorded_source
 from .layer import NPTAdapter, NPTDecoderLayer
 from .loading import load_model
 from .serialization import NPTConfig, load_adapter_weights, read_adapter_config, resolve_adapter_dir, save_adapters
@@ -100,6 +101,8 @@ class NPTModel(nn.Module):
         for i, layer in wrapped.items():
             layer_list[i] = layer
         name = base_model_name_or_path or getattr(hf_config, "_name_or_path", "") or ""
+        loaded_from = getattr(hf_config, "_name_or_path", "") or ""
+        source = (recorded_source(loaded_from) if loaded_from else None) or {}
         config = NPTConfig(
             base_model_name_or_path=str(name),
             layers=indices,
@@ -111,6 +114,8 @@ class NPTModel(nn.Module):
             hidden_size=d_model,
             intermediate_size=d_ffn,
             num_hidden_layers=num_layers,
+            base_model_source=source.get("file", ""),
+            base_model_sha256=source.get("sha256", ""),
         )
         return cls(model, config)
 

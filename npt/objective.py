@@ -103,7 +103,7 @@ class EquivalenceObjective(nn.Module):
             _, temperature = self.loss.schedule(step)
             head = self.npt.model.get_output_embeddings() if fused else None
             kl = softened_kl(t_final, s_final, mask, temperature, head=head)
-        return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl)
+        return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl, free_running=free_running)
 
     def gradient_penalty(
         self,

@@ -35,10 +35,13 @@ class RunArguments:
     save_total_limit: int = HfArg(default=3, help="Keep the newest N checkpoints.")
     eval_steps: int = HfArg(default=500, help="Evaluate on the held-out blocks every N optimizer steps (and at the end); 0: only at the end.")
     eval_batch_size: int = HfArg(default=8, aliases=["--per_device_eval_batch_size"], help="Blocks per evaluation batch.")
-    num_samples: int = HfArg(default=2, help="Sample generations (teacher and student) shown at each evaluation.")
+    num_samples: int = HfArg(default=2, help="Greedy continuations (teacher and student) shown in TensorBoard at each evaluation.")
+    greedy_prompts: int = HfArg(default=16, help="Held-out prompts (32 tokens) whose greedy continuations are compared at each evaluation (eval/greedy_match); 0: none.")
+    greedy_tokens: int = HfArg(default=32, help="Tokens generated per prompt for eval/greedy_match.")
     max_bad_steps: int = HfArg(default=10, help="Stop after this many consecutive non-finite steps (rollbacks are tried first).")
     max_rollbacks: int = HfArg(default=3, help="Roll back to the last good state at most this many times when training diverges (0: never).")
     rollback_lr_factor: float = HfArg(default=0.3, help="Each rollback multiplies the learning rate by this factor.")
+    divergence_patience: int = HfArg(default=2, help="Evaluations in a row worse than the last good one (by its phase's measure) before a rollback; one far worse or non-finite rolls back at once.")
     seed: int = HfArg(default=0, help="Random seed (adapter init, data order, gradient-penalty draws).")
     device: Literal["auto", "cpu", "cuda"] = HfArg(default="auto", help="auto (CUDA when present), cpu or cuda.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = HfArg(
@@ -50,10 +53,12 @@ class RunArguments:
     report_to: list[str] = HfArg(default_factory=lambda: ["tensorboard"], help="Trackers for the curves and the run config, through accelerate: tensorboard, wandb, mlflow, ... (installed ones), or none.")
 
     def __post_init__(self):
-        for name in ("logging_steps", "save_steps", "save_total_limit", "eval_batch_size", "max_bad_steps"):
+        for name in ("logging_steps", "save_steps", "save_total_limit", "eval_batch_size", "max_bad_steps", "divergence_patience"):
             if getattr(self, name) < 1:
                 raise NPTError(f"--{name} {getattr(self, name)} must be at least 1.", f"Pass --{name} >= 1.")
-        for name in ("eval_steps", "num_samples", "max_rollbacks"):
+        if self.greedy_tokens < 1:
+            raise NPTError(f"--greedy_tokens {self.greedy_tokens} must be at least 1.", "Pass e.g. 32.")
+        for name in ("eval_steps", "num_samples", "max_rollbacks", "greedy_prompts"):
             if getattr(self, name) < 0:
                 raise NPTError(f"--{name} {getattr(self, name)} is negative.", f"Pass --{name} >= 0.")
         if not 0 < self.rollback_lr_factor < 1:

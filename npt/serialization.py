@@ -47,6 +47,8 @@ class NPTConfig:
     hidden_size: int = 0
     intermediate_size: int = 0
     num_hidden_layers: int = 0
+    base_model_source: str = ""  # the file the base model was made from (a GGUF checkpoint), if any
+    base_model_sha256: str = ""  # and that file's sha256
     format_version: int = FORMAT_VERSION
     adapter_type: str = ADAPTER_TYPE
 

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTr
 from .corpus import cache_root, file_lock, fingerprint, load_corpus
 from .data import Packer, is_heldout
 from .errors import NPTError
+from .gguf import PACKAGED
 
 EMBEDDED_NAME = "npt-embedded-default"
 ZOO_PREFIX = "zoo:"
@@ -233,7 +234,7 @@ def zoo_recipe(name: str) -> TeacherRecipe:
         return DEFAULT_RECIPE
     key = name.removeprefix(ZOO_PREFIX)
     if key not in ZOO:
-        raise NPTError(f"{name!r} is not a teacher of the zoo.", f"Use one of: {', '.join(ZOO_PREFIX + k for k in ZOO)}.")
+        raise NPTError(f"{name!r} is not a teacher of the zoo.", f"Use one of: {', '.join(ZOO_PREFIX + k for k in [*ZOO, *PACKAGED])}.")
     return ZOO[key]
 
 

@@ -6,14 +6,12 @@ evaluating and checkpointing on optimizer steps; `finish` saves the best held-ou
 the summary. With several processes (torchrun or accelerate launch) the same code runs on each:
 DDP by default, FSDP with `--fsdp`.
 
-No run ends worse than it began. Divergence is detected on the logged losses (the monitor's
-"MSE exploding", or the teacher-forced loss/mse at twice its value before training), on repeated
-non-finite steps, and on the held-out evaluation (the free-running KL above its start, or, while
-teacher-forced, the relative error above its start). The run then rolls back to the last state
-whose evaluation was good, with its learning rate times `--rollback_lr_factor`, at most
-`--max_rollbacks` times; the step count goes on (the schedules and the time budget stay as they
-were), and the data moves on to fresh batches. The final adapter/ holds the adapters with the
-lowest held-out KL seen.
+No run ends worse than it began. After each log, run of non-finite steps and held-out evaluation
+the divergence policy (divergence.py) says whether training diverged; the run then rolls back to
+the state of the last good evaluation (adapters, optimizer and random streams), with its learning
+rate times `--rollback_lr_factor`, at most `--max_rollbacks` times; the step count goes on (the
+schedules and the time budget stay as they were), and the data moves on to fresh batches. The
+final adapter/ holds the adapters with the lowest held-out KL seen.
 """
 
 from __future__ import annotations
@@ -34,13 +32,14 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import apply_state, collect_state, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import apply_state, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
 from .config import Config
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import TrainStream, heldout_blocks, open_source
+from .divergence import DivergencePolicy
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
-from .evaluate import EvalResult, evaluate, sample_generations
+from .evaluate import EvalResult, evaluate, greedy_match
 from .loading import load_model
 from .losses import NPTLoss
 from .metrics import IntervalMeans, Tracker, to_tags
@@ -53,7 +52,6 @@ from .serialization import read_adapter_config
 from .teachers import EMBEDDED_NAME
 
 CALIBRATION_BLOCKS = 16
-ROLLBACK_AFTER_BAD_STEPS = 3  # consecutive non-finite steps that count as divergence
 
 
 class TooManyBadSteps(NPTError):
@@ -91,9 +89,10 @@ class Run:
     data_name: str
     progress: Progress = dataclasses.field(default_factory=Progress)
     monitor: ConvergenceMonitor = dataclasses.field(default_factory=ConvergenceMonitor)
+    policy: DivergencePolicy = dataclasses.field(default_factory=DivergencePolicy)
     eval_history: list = dataclasses.field(default_factory=list)
-    start_eval: dict | None = None  # the evaluation before training
     best: dict | None = None  # the evaluation with the lowest KL, and its adapters
+    greedy_samples: list = dataclasses.field(default_factory=list)  # the last evaluation's greedy continuations
     last_good: dict | None = None  # in memory: the state of the last good evaluation (rollback target)
 
     @property
@@ -206,7 +205,8 @@ def setup(cfg: Config) -> Run:
     else:
         prepared = accelerator.prepare(objective)
     optimizer = accelerator.prepare(build_optimizer(cfg.optim, list(npt.adapter_parameters()), loss))
-    run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files))
+    run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files),
+              policy=DivergencePolicy(patience=cfg.run.divergence_patience))
     if saved is not None:
         apply_state(run, saved)
         run.last_good = collect_state(run, with_data=False)
@@ -282,10 +282,11 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
                disable=not run.is_main or text_lines)
     means = IntervalMeans()
     interval = {"tokens": 0, "seconds": 0.0}
-    if run.start_eval is None:  # a fresh run: where training begins
+    if run.policy.start is None:  # a fresh run: where training begins
         validate(run, tracker)
-        r = run.start_eval
-        run.print(f"[npt] before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, "
+        r = run.policy.start
+        greedy = f", greedy match {r['greedy_match']:.1f}/{r['greedy_tokens']}" if "greedy_match" in r else ""
+        run.print(f"[npt] before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, top-1 agreement {r['top1_agreement']:.1%}{greedy}, "
                   f"perplexity teacher {r['teacher_ppl']:.2f} / student {r['student_ppl']:.2f}")
 
     while run.progress.step < cfg.optim.max_steps:
@@ -339,8 +340,9 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             interval = {"tokens": 0, "seconds": 0.0}
             if reason:
                 rollback(run, tracker, reason)
-        if p.consecutive_bad >= ROLLBACK_AFTER_BAD_STEPS and can_roll_back(run):
-            rollback(run, tracker, f"{p.consecutive_bad} consecutive steps had a non-finite loss or gradient")
+        bad = run.policy.observe_bad_steps(p.consecutive_bad)
+        if bad.diverged and can_roll_back(run):
+            rollback(run, tracker, bad.diverged)
         elif p.consecutive_bad >= cfg.run.max_bad_steps:
             run.optimizer.zero_grad(set_to_none=True)
             last = list_checkpoints(run.out)
@@ -359,7 +361,9 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         # held-out evaluation and checkpoints
         if finite and cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0 and p.step < cfg.optim.max_steps:
             result = validate(run, tracker)
-            run.print(f"[npt] step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, perplexity ratio {result.ppl_ratio:.3f}")
+            greedy = f", greedy match {result.greedy_match:.1f}/{result.greedy_tokens}" if result.greedy_match is not None else ""
+            run.print(f"[npt] step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.1%}"
+                      f"{greedy}, perplexity ratio {result.ppl_ratio:.3f}")
         if finite and p.step % cfg.run.save_steps == 0 and p.step < cfg.optim.max_steps:
             save(run)
     bar.close()
@@ -394,61 +398,45 @@ def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: di
         run.print(f"[npt] step {p.step}/{cfg.optim.max_steps} | {line}{' | free-running' if free_running else ''}")
     else:
         bar.set_postfix_str(line)
-    # divergence in the training losses
-    if not math.isfinite(tags["loss/mse"]):
-        return f"loss/mse is {tags['loss/mse']}"
-    if any(s.key == "mse_exploding" for s in signs):
-        return "the monitor saw loss/mse explode"
-    start = run.start_eval
-    if start and not free_running:
-        before = sum(r * r for r in start["rel_error"]) / len(start["rel_error"])
-        if tags["loss/mse"] > 2 * before:
-            return f"loss/mse {tags['loss/mse']:.4g} is above twice its value before training ({before:.4g})"
-    return None
+    return run.policy.observe_log(tags, signs, free_running).diverged
 
 
 # ---- evaluation, rollback, checkpoints --------------------------------------------------------------
 
 
 def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
-    """Evaluate on the held-out blocks; keep the start, the best and the last good state, or roll
-    back if the student got worse than it began (not after the last step: the best is kept then)."""
+    """Evaluate on the held-out blocks; keep the best and the last good state, or roll back if
+    the policy says training diverged (not after the last step: the best is kept then)."""
     cfg, p = run.cfg, run.progress
     result = evaluate(run.npt, run.eval_blocks, cfg.run.eval_batch_size)
+    samples = []
+    if cfg.run.greedy_prompts:  # on every process: sharded layers need all of them, and the records stay alike
+        result.greedy_match, samples = greedy_match(run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, new_tokens=cfg.run.greedy_tokens,
+                                                    synced=run.sharded)
+        result.greedy_tokens, result.greedy_prompts = cfg.run.greedy_tokens, len(samples)
     tracker.scalars(p.step, result.scalars())
     record = {"step": p.step} | result.record()
     run.eval_history.append(record)
-    if cfg.run.num_samples and (run.is_main or run.sharded):  # sharded layers need every process
-        samples = sample_generations(run.npt, run.tokenizer, run.eval_blocks, cfg.run.num_samples, synced=run.sharded)
-        tracker.text(p.step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}" for s in samples))
-    if run.start_eval is None:
-        run.start_eval = record
-    reason = divergence(run, record)
-    if reason and not final:
-        rollback(run, tracker, reason)
+    run.greedy_samples = samples
+    if samples and cfg.run.num_samples:
+        tracker.text(p.step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}\n\n"
+                                                          f"({s['identical_tokens']} identical tokens)" for s in samples[: cfg.run.num_samples]))
+    # the steps before this evaluation were free-running ones (the phase it judges)
+    verdict = run.policy.observe_eval(record, free_running=p.step > cfg.free_running_from)
+    if verdict.diverged and not final:
+        rollback(run, tracker, verdict.diverged)
         return result
-    if reason:
-        run.print(f"[npt] the last evaluation is worse than the start ({reason}); adapter/ keeps the best ones seen.")
-    snapshot = collect_state(run, with_data=False)
-    if run.best is None or record["kl"] < run.best["kl"]:
-        run.best = record | {"adapters": snapshot["adapters"]}
-    run.last_good = snapshot
+    if verdict.diverged:
+        run.print(f"[npt] the last evaluation is worse than the last good one ({verdict.diverged}); adapter/ keeps the best ones seen.")
+        return result
+    best = run.best is None or record["kl"] < run.best["kl"]
+    if verdict.good or best:
+        snapshot = collect_state(run, with_data=False)
+        if best:
+            run.best = record | {"adapters": snapshot["adapters"]}
+        if verdict.good:
+            run.last_good = snapshot
     return result
-
-
-def divergence(run: Run, record: dict) -> str | None:
-    """Why this evaluation is worse than the start, or None."""
-    start = run.start_eval
-    if record is start:
-        return None
-    if not math.isfinite(record["kl"]):
-        return f"the held-out KL is {record['kl']}"
-    if record["kl"] > start["kl"]:
-        return f"the held-out KL {record['kl']:.4f} is above its start {start['kl']:.4f}"
-    teacher_forced = record["step"] <= run.cfg.free_running_from
-    if teacher_forced and record["rel_error_mean"] > start["rel_error_mean"]:
-        return f"the held-out relative error {record['rel_error_mean']:.4f} is above its start {start['rel_error_mean']:.4f}"
-    return None
 
 
 def can_roll_back(run: Run) -> bool:
@@ -457,7 +445,7 @@ def can_roll_back(run: Run) -> bool:
 
 def rollback(run: Run, tracker: Tracker, reason: str) -> None:
     """Back to the last good state with a lower learning rate; the step count, the data position
-    and the run's records (start, best, history, counters) go on."""
+    and the run's records (best, history, counters) go on."""
     p = run.progress
     if not can_roll_back(run):
         if not p.unrecovered:
@@ -465,11 +453,9 @@ def rollback(run: Run, tracker: Tracker, reason: str) -> None:
                       f"({len(p.rollbacks)} of --max_rollbacks {run.cfg.run.max_rollbacks} used). The saved adapters will be the best held-out ones.")
         p.unrecovered.append({"step": p.step, "reason": reason})
         return
-    keep = run.best, run.start_eval, run.eval_history
-    apply_state(run, run.last_good, with_data=False)
-    run.best, run.start_eval, run.eval_history = keep
+    restore_training(run, run.last_good)
+    run.policy.rolled_back()
     target = run.last_good["progress"]["step"]
-    run.progress = p
     p.consecutive_bad = 0
     p.lr_scale *= run.cfg.run.rollback_lr_factor
     p.rollbacks.append({"step": p.step, "to_step": target, "reason": reason, "lr_scale": p.lr_scale})
@@ -513,8 +499,9 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "adapter_choice": f"the lowest held-out KL of {len(run.eval_history)} evaluations (step {best['step']}: KL {best['kl']:.4f})",
         "eval": best,
         "eval_final": final,
-        "eval_before": run.start_eval,
+        "eval_before": run.policy.start,
         "eval_history": run.eval_history,
+        "greedy_samples_final": run.greedy_samples,
         "rollbacks": p.rollbacks,
         "unrecovered_divergences": p.unrecovered,
         "processes": acc.num_processes,

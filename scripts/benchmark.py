@@ -5,11 +5,16 @@
     python scripts/benchmark.py --shapes llama-1b --device cuda --dtype bfloat16 --batch_size 8 --seq_len 1024
     python scripts/benchmark.py --model_name meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
+    python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
 
 For each shape: the teacher forward alone (the floor), the project's training step (forward,
 loss, backward, optimizer step) and a faithful re-creation of the original design, alternated
 on the same model and batch; tokens/s, the step / teacher-forward ratio and peak memory, as a
-markdown table. Shapes use random weights (a speed benchmark needs no trained model).
+markdown table. Shapes use random weights (a speed benchmark needs no trained model). Each
+contender's matmul work is counted and printed as GFLOP/s next to this machine's dense matmul
+rate, measured in the same process and dtype on the shape's own MLP matmul: on small shapes the
+FLOP count says little about the step, the fraction of the measured rate says how far each is
+from what the hardware does on its largest matmul.
 
 The original design held two full model copies (teacher and student), took its targets from
 `output_hidden_states` (a full forward with logits), ran every student layer completely (its
@@ -51,6 +56,9 @@ SHAPES = {
     "embedded": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
     "mid": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
     # Llama-3.2-1B's shape (random weights)
+    # SmolLM2-135M's shape (random weights): 30 layers, vocabulary 49152, tied head
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0),
 }
@@ -68,6 +76,11 @@ class BenchSpec:
     loss_type: str = "improved_npt"
     seed: int = 0
     gradient_checkpointing: bool = False
+    autocast: bool = False  # bfloat16 autocast over float32 weights, on any device (CUDA with a low-precision dtype always autocasts)
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.autocast else self.dtype
 
 
 def build_model(spec: BenchSpec):
@@ -105,8 +118,8 @@ class ProjectStep:
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
         self.objective = EquivalenceObjective(self.npt, loss)
         self.opt = torch.optim.AdamW(list(self.npt.adapter_parameters()), lr=1e-4)
-        self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
-        self.dtype = DTYPES[spec.dtype]
+        self.autocast = spec.autocast or (spec.device.startswith("cuda") and spec.dtype != "float32")
+        self.dtype = DTYPES[spec.compute_dtype]
 
     def step(self, x: torch.Tensor) -> None:
         with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.autocast):
@@ -142,8 +155,8 @@ class OriginalStep:
             randomize_adapters(self.student, spec.seed + 1, scale=0.05)
         self.loss = NPTLoss(LossConfig(loss_type=spec.loss_type), len(self.student.npt_config.layers))
         self.opt = torch.optim.AdamW(list(self.student.adapter_parameters()), lr=1e-4)
-        self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
-        self.dtype = DTYPES[spec.dtype]
+        self.autocast = spec.autocast or (spec.device.startswith("cuda") and spec.dtype != "float32")
+        self.dtype = DTYPES[spec.compute_dtype]
 
     def _losses(self, x: torch.Tensor):
         last = {}
@@ -288,39 +301,74 @@ def model_config(spec: BenchSpec):
 
 
 def step_flops(spec: BenchSpec) -> dict[str, float]:
-    """Matmul FLOPs of one step: the teacher forward (decoder layers, no LM head) and the project's
-    extra work (student MLP forward, its input-gradient backward, the adapter)."""
+    """Matmul FLOPs of one step of each contender: the teacher forward (decoder layers, no LM
+    head), the project's teacher-forced step (plus the student MLP forward, its input-gradient
+    backward, the adapter), the original design (its student attention again, every backward
+    through it) and the free-running step (teacher and student forwards, the student's
+    input-gradient backward through every layer, the LM head for the logit KL)."""
     c = model_config(spec)
     n = spec.batch_size * spec.seq_len
-    d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    d, f, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
     attn_proj = 2 * n * d * (2 * q + 2 * kv)
     attn_scores = 2 * 2 * spec.batch_size * c.num_attention_heads * hd * spec.seq_len * (spec.seq_len + 1) / 2
     mlp = 2 * n * 3 * d * f
-    teacher = L * (attn_proj + attn_scores + mlp)
     adapter = 2 * n * (d * spec.rank + d * spec.num_ranks * spec.rank + spec.num_ranks * spec.rank * f)
-    student = L * (mlp + 2 * n * d * f + 3 * adapter)  # forward MLP, backward through W_d, adapter fwd + bwd
-    return {"teacher": teacher, "project": teacher + student}
+    layer = attn_proj + attn_scores + mlp
+    teacher = L * layer
+    student_tf = L * (mlp + 2 * n * d * f + 3 * adapter)  # forward MLP, backward through W_d, adapter fwd + bwd
+    # the original: the student layer again (attention included), backward through all of it
+    original = teacher + L * (layer + 3 * adapter + (attn_proj + 2 * attn_scores + mlp))
+    head = 2 * n * d * V
+    # free-running: student forward + input-gradient backward (~ the forward's matmuls, scores twice), teacher and student heads, head backward
+    free = teacher + L * (layer + 3 * adapter + attn_proj + 2 * attn_scores + mlp) + 3 * head
+    return {"teacher": teacher, "project": teacher + student_tf, "original": original, "free": free}
 
 
-def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None) -> str:
+def matmul_rate(spec: BenchSpec, repeats: int = 20) -> float:
+    """This machine's dense matmul rate (FLOP/s) in the run's device and dtype, on the shape's
+    own largest matmul: [batch x seq, d_model] @ [d_model, d_ffn]. The best of `repeats`."""
+    c = model_config(spec)
+    dtype = DTYPES[spec.compute_dtype]
+    n, d, f = spec.batch_size * spec.seq_len, c.hidden_size, c.intermediate_size
+    a = torch.randn(n, d, device=spec.device, dtype=dtype)
+    b = torch.randn(d, f, device=spec.device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(spec.device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        _sync(spec.device)
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return 2 * n * d * f / best
+
+
+def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None, rate: float | None = None) -> str:
     tokens = spec.batch_size * spec.seq_len
     lines = [
         f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, r={spec.rank}, k={spec.num_ranks}, {spec.device}, {spec.dtype}"
-        f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
+        f"{', bfloat16 autocast' if spec.autocast else ''}{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
-        "| contender | ms / step | tokens/s | step / teacher forward | peak memory (MB) |",
-        "|---|---|---|---|---|",
+        "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    flops = step_flops(spec)
     for key, step_cls in CONTENDERS.items():
         if key not in times:
             continue
         mem = f"{memory[key]:.0f}" if memory and key in memory else "-"
-        name = step_cls.name
-        lines.append(f"| {name} | {times[key] * 1e3:.1f} | {tokens / times[key]:.0f} | {times[key] / times['teacher']:.2f} | {mem} |")
-    flops = step_flops(spec)
+        achieved = flops[key] / times[key]
+        share = f"{achieved / rate:.0%}" if rate else "-"
+        lines.append(f"| {step_cls.name} | {times[key] * 1e3:.1f} | {tokens / times[key]:.0f} | {times[key] / times['teacher']:.2f} | "
+                     f"{achieved / 1e9:.1f} | {share} | {mem} |")
     lines.append("")
+    if rate:
+        lines.append(f"Dense matmul rate measured here ({spec.compute_dtype}, [{tokens} x {model_config(spec).hidden_size}] @ "
+                     f"[{model_config(spec).hidden_size} x {model_config(spec).intermediate_size}]): {rate / 1e9:.1f} GFLOP/s.")
     if "original" in times:
         mem_ratio = f", {memory['project'] / memory['original']:.2f}x its peak memory" if memory else ""
         lines.append(f"Project vs original: {times['original'] / times['project']:.2f}x the tokens/s{mem_ratio}. ")
@@ -337,6 +385,7 @@ class BenchArguments:
     device: str = dataclasses.field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda"})
     dtype: str | None = dataclasses.field(default=None, metadata={"help": "default: bfloat16 on CUDA, float32 on CPU"})
     gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help": "the project step with --gradient_checkpointing"})
+    autocast: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast over the weights' dtype (CPU too: the main job's --mixed_precision bf16)"})
     rounds: int = 5
     steps: int = 3
     no_memory: bool = dataclasses.field(default=False, metadata={"help": "skip the per-contender memory processes"})
@@ -361,11 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         small = shape == "embedded"
         spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                          rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, device=args.device, dtype=dtype,
-                         gradient_checkpointing=args.gradient_checkpointing)
+                         gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast)
         which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
         times = time_contenders(spec, args.rounds, args.steps, which=which)
         memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
-        print(report(spec, times, memory))
+        print(report(spec, times, memory, matmul_rate(spec)))
         if args.peak_tflops:
             flops = step_flops(spec)
             achieved = flops["project"] / times["project"] / 1e12

@@ -31,7 +31,21 @@ def test_benchmark_script_prints_the_table():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for row in ("| teacher forward (floor) |", "| project step |", "| original design |", "| project step, free-running + logit KL |", "Project vs original:"):
+    for row in ("| teacher forward (floor) |", "| project step |", "| original design |", "| project step, free-running + logit KL |", "Project vs original:",
+                "Dense matmul rate measured here (float32"):
         assert row in out, out
-    mem = [float(line.split("|")[5]) for line in out.splitlines() if line.startswith(("| project step", "| original design"))]
-    assert len(mem) == 3 and all(m > 0 for m in mem)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| teacher", "| project step", "| original design"))]
+    assert len(rows) == 4
+    assert all(float(r[5]) > 0 and r[6].strip().endswith("%") for r in rows)  # GFLOP/s and the fraction of the measured matmul rate
+    mem = [float(r[7]) for r in rows[1:]]
+    assert all(m > 0 for m in mem)
+
+
+def test_matmul_counts_of_the_real_teacher_shape():
+    """SmolLM2-135M's shape, by hand: 30 layers of d 576, f 1536, 9 heads / 3 KV heads of 64, vocabulary 49152."""
+    spec = bench.BenchSpec(shape="smollm2-135m", batch_size=4, seq_len=64, rank=16, num_ranks=16)
+    n, d, f, L, V = 256, 576, 1536, 30, 49152
+    layer = 2 * n * d * (2 * 576 + 2 * 192) + 2 * 2 * 4 * 9 * 64 * 64 * 65 / 2 + 2 * n * 3 * d * f
+    flops = bench.step_flops(spec)
+    assert flops["teacher"] == pytest.approx(L * layer)
+    assert flops["free"] - flops["project"] > 3 * 2 * n * d * V  # the LM head of the logit KL alone

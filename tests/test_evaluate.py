@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import randomize_adapters, tiny_model
 
 from npt.capture import capture_teacher
-from npt.evaluate import evaluate, sample_generations
+from npt.evaluate import evaluate, greedy_match, leading_matches, sample_generations
 from npt.model import NPTModel
 
 
@@ -40,7 +40,7 @@ def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkey
         cos = [F.cosine_similarity(s[b, t] - rec.inputs[b, t], rec.outputs[b, t] - rec.inputs[b, t], dim=0) for b in range(5) for t in range(12) if real[b, t]]
         assert res.rel_error[k] == pytest.approx(math.sqrt(err / upd), rel=1e-5)
         assert res.update_cosine[k] == pytest.approx(float(sum(cos) / len(cos)), rel=1e-5)
-    kl, t_nll, s_nll, n = 0.0, 0.0, 0.0, 0
+    kl, t_nll, s_nll, agree, n = 0.0, 0.0, 0.0, 0, 0
     for b in range(5):
         for t in range(11):
             if real[b, t] and real[b, t + 1]:
@@ -49,8 +49,11 @@ def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkey
                 kl += float((p * (p.log() - q.log())).sum())
                 t_nll -= float(p[x[b, t + 1]].log())
                 s_nll -= float(q[x[b, t + 1]].log())
+                agree += int(t_logits[b, t].argmax() == s_logits[b, t].argmax())
                 n += 1
     assert res.tokens == n == 5 * 11 - 3 - 7
+    assert 0 < agree < n  # the random adapters change some argmax tokens, not all
+    assert res.top1_agreement == pytest.approx(agree / n)
     assert res.kl == pytest.approx(kl / n, rel=1e-4)
     assert res.teacher_ppl == pytest.approx(math.exp(t_nll / n), rel=1e-5)
     assert res.student_ppl == pytest.approx(math.exp(s_nll / n), rel=1e-5)
@@ -82,6 +85,61 @@ def test_sample_generations_show_teacher_and_student():
     randomize_adapters(npt, seed=4, scale=1.0)
     blocks = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
     samples = sample_generations(npt, tok, blocks, num=2, prompt_len=8, new_tokens=6)
-    assert len(samples) == 2 and all(set(s) == {"prompt", "teacher", "student"} for s in samples)
+    assert len(samples) == 2 and all(set(s) == {"prompt", "teacher", "student", "identical_tokens"} for s in samples)
     assert samples[0]["prompt"] == tok.decode(blocks[0, :8], skip_special_tokens=True)
     assert any(s["teacher"] != s["student"] for s in samples)
+
+
+def _exact_student(seed: int = 5) -> NPTModel:
+    """A teacher whose attention outputs are zero: its NPT student with B_f = 0 computes exactly
+    the teacher's h + MLP(Norm2(h)), whatever A and B_m hold."""
+    model = tiny_model(seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    npt = NPTModel.convert(model, "all", rank=4)
+    return npt
+
+
+class _Tok:
+    pad_token_id = 0
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_an_exact_student_agrees_everywhere_matches_every_greedy_token_and_has_zero_kl():
+    npt = _exact_student()
+    x = torch.randint(1, 128, (16, 40), generator=torch.Generator().manual_seed(2))
+    res = evaluate(npt, x, batch_size=8)
+    assert res.top1_agreement == 1.0 and res.kl == pytest.approx(0.0, abs=1e-6) and res.ppl_ratio == pytest.approx(1.0, rel=1e-5)
+    match, samples = greedy_match(npt, _Tok(), x, num_prompts=16, prompt_len=32, new_tokens=32)
+    assert match == 32.0 and len(samples) == 16 and all(s["teacher"] == s["student"] for s in samples)
+
+
+def _greedy_by_hand(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy decoding without a cache, one full forward per token (EOS never stops it)."""
+    ids = prompt[None]
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, prompt.shape[0]:].tolist()
+
+
+def test_greedy_match_of_a_perturbed_student_equals_a_hand_count():
+    npt = NPTModel.convert(tiny_model(seed=6), "all", rank=4)
+    randomize_adapters(npt, seed=7, scale=0.3)
+    x = torch.randint(1, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    match, samples = greedy_match(npt, _Tok(), x, num_prompts=6, prompt_len=10, new_tokens=12)
+    hand = []
+    for row in x[:, :10]:
+        with npt.teacher_mode():
+            t = _greedy_by_hand(npt, row, 12)
+        s = _greedy_by_hand(npt, row, 12)
+        same = next((i for i, (a, b) in enumerate(zip(t, s)) if a != b), 12)
+        hand.append(same)
+    assert [smp["identical_tokens"] for smp in samples] == hand
+    assert match == pytest.approx(sum(hand) / 6) and 0 < match < 12
+    assert leading_matches(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 9, 4]])).tolist() == [2]

@@ -11,8 +11,8 @@ import pytest
 from helpers import ROOT, script_env
 
 # The flow of docs/architecture.md: a module may import only modules before it.
-ORDER = ["errors", "corpus", "data", "teachers", "architecture", "capture", "verify", "layer", "serialization", "distributed",
-         "loading", "model", "schedules", "weighting", "losses", "kl", "objective", "evaluate", "monitor", "metrics", "optim",
+ORDER = ["errors", "corpus", "gguf", "data", "teachers", "architecture", "capture", "verify", "layer", "serialization", "distributed",
+         "loading", "model", "schedules", "weighting", "losses", "kl", "objective", "evaluate", "monitor", "metrics", "divergence", "optim",
          "checkpoint", "run", "config", "train", "inject", "commands", "cli"]
 PACKAGE = ROOT / "npt"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -117,6 +118,13 @@ def test_loss_module_combines_terms_with_curriculum():
     late = loss(layers, reg, gp, step=100)
     assert late.curriculum_factor == 1.0 and late.temperature == 1.0
     assert late.metrics["total"].item() == pytest.approx((l0 + l1) / 2 + 0.1 * 2.0 + 0.5 * 4.0)
+    # running freely, the per-layer terms weigh --free_running_layer_weight (the KL carries the rest)
+    scaled = NPTLoss(dataclasses.replace(cfg, free_running_layer_weight=0.25), 2, curriculum_steps=100)
+    free = scaled(layers, reg, gp, step=100, logit_kl=torch.tensor(2.0), free_running=True)
+    assert free.metrics["total"].item() == pytest.approx(0.25 * (l0 + l1) / 2 + 0.1 * 2.0 + 0.5 * 4.0 + 1.0 * 2.0)
+    assert free.metrics["alignment"].item() == pytest.approx((l0 + l1) / 2)  # logged unweighted
+    forced = scaled(layers, reg, gp, step=100)
+    assert forced.metrics["total"].item() == late.metrics["total"].item()
 
 
 def test_curriculum_and_temperature_schedules():
