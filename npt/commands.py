@@ -28,6 +28,7 @@ from .evaluate import evaluate, greedy_match
 from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
+from .run import resolve_device
 from .serialization import read_adapter_config, resolve_adapter_dir
 from .teachers import perplexity
 
@@ -39,9 +40,7 @@ class LoadArguments:
 
     @property
     def torch_device(self) -> str:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto).")
-        return "cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()) else "cpu"
+        return resolve_device(self.device)
 
 
 def load(adapter: str, args: LoadArguments) -> tuple[NPTModel, object, Path]:

@@ -3,13 +3,14 @@
 A Llama-family decoder layer computes  out = h + a + MLP(Norm2(h + a)),  a = SelfAttn(Norm1(h)).
 The NPT layer drops the attention residual and lets `a` modulate the gate weights per token:
 
-    z      = A a                       A:   d_model -> r
-    v_m[j] = B_m z,  v_f[j] = B_f z    j = 1..k
+    z      = c_a A a                   A:   d_model -> r
+    v_m[j] = c_m B_m[j] z,  v_f[j] = c_f B_f[j] z      j = 1..k
     x      = Norm2(h)
     gate   = W_g x + s * sum_j v_f[j] (v_m[j] . x)      == (W_g + s sum_j v_f[j] v_m[j]^T) x
     out    = h + W_d(act(gate) * W_u x)
 
-The d_ffn x d_model delta is never materialised: the dot-product form above is exact and costs
+(A, B_m, B_f trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
+d_ffn x d_model delta is never materialised: the dot-product form above is exact and costs
 O(k (d_model + d_ffn)) per token instead of O(d_model d_ffn).
 """
 

@@ -48,6 +48,10 @@ class ModelArguments:
         return "docstrings"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.hf_argparser import HfArg
 
+from .distributed import all_reduce_mean
 from .errors import NPTError
 from .schedules import curriculum_factor, distill_temperature
 from .weighting import AdaptiveLayerWeights
@@ -183,15 +184,6 @@ def smooth_l1_mse_loss(layer: LayerTensors, cfg: LossConfig, temperature: float)
     return cfg.mse_weight * e.pow(2).mean() + (1.0 - cfg.mse_weight) * smooth
 
 
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over processes, so that the adaptive weights see the global batch's layer losses."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x = x / torch.distributed.get_world_size()
-    return x
-
-
 @dataclasses.dataclass
 class LossOutput:
     objective: torch.Tensor  # what backward() is called on (total + the weights' balance loss)
@@ -231,7 +223,7 @@ class NPTLoss(nn.Module):
         if self.adaptive is not None:
             weights = self.adaptive.weights()
             alignment = (weights.detach() * layer_loss).sum()
-            balance = self.adaptive.balance_loss(_global_mean(layer_loss.detach()))
+            balance = self.adaptive.balance_loss(all_reduce_mean(layer_loss.detach()))  # the global batch's layer losses
         else:
             weights = torch.full_like(layer_loss, 1.0 / len(layers))
             alignment = layer_loss.mean()

@@ -25,7 +25,7 @@ from .distributed import copy_full_into, full_tensor
 from .errors import NPTError
 from .gguf import recorded_source
 from .layer import NPTAdapter, NPTDecoderLayer
-from .loading import load_model
+from .loading import dtype_name, load_model
 from .serialization import NPTConfig, load_adapter_weights, read_adapter_config, resolve_adapter_dir, save_adapters
 from .verify import prove_conversion, record_teacher
 
@@ -39,13 +39,14 @@ class AdapterArguments:
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):
-        for name in ("adapter_rank", "num_ranks"):
-            if getattr(self, name) < 1:
-                raise NPTError(f"--{name} {getattr(self, name)} must be at least 1.", f"Pass --{name} >= 1.")
+        if self.adapter_rank < 1:
+            raise NPTError(f"--adapter_rank {self.adapter_rank} must be at least 1.", "Pass --adapter_rank >= 1.")
+        check_num_ranks(self.num_ranks)  # here too, so that the command line refuses it before a model loads
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def check_num_ranks(num_ranks: int) -> None:
+    if num_ranks < 1:
+        raise NPTError(f"--num_ranks {num_ranks} must be at least 1.", "Pass --num_ranks 1 (the guide's) or more.")
 
 
 class NPTModel(nn.Module):
@@ -81,8 +82,7 @@ class NPTModel(nn.Module):
             raise NPTError(
                 f"Adapter rank {rank} is outside 1..hidden_size ({d_model}).", f"Pass --adapter_rank between 1 and {d_model}."
             )
-        if num_ranks < 1:
-            raise NPTError(f"--num_ranks {num_ranks} must be at least 1.", "Pass --num_ranks 1 (the guide's) or more.")
+        check_num_ranks(num_ranks)
         base_param = next(model.parameters())
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
@@ -109,7 +109,7 @@ class NPTModel(nn.Module):
             rank=rank,
             num_ranks=num_ranks,
             modulation_scale=float(modulation_scale),
-            dtype=_dtype_name(base_param.dtype),
+            dtype=dtype_name(base_param.dtype),
             model_type=getattr(hf_config, "model_type", ""),
             hidden_size=d_model,
             intermediate_size=d_ffn,

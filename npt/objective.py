@@ -1,9 +1,15 @@
-"""The training step's forward: one teacher capture, the teacher-forced student, the loss.
+"""The training step's forward: one teacher capture, the student in the step's phase, the loss.
 
-With teacher forcing, student layer i gets the teacher's input h_i and must produce the
-teacher's output t_i. The student's attention is the teacher's attention on the same input, so
-it is taken from the capture instead of being computed again; the layers are independent, and
-the only autograd graph is, per layer, W_d, the activation and the adapter.
+Teacher-forced steps: student layer i gets the teacher's input h_i and must produce the teacher's
+output t_i. The student's attention is the teacher's attention on the same input, so it is taken
+from the capture instead of being computed again; the layers are independent, and the only
+autograd graph is, per layer, W_d, the activation and the adapter.
+
+Free-running steps: the student runs as deployed, each NPT layer fed by the one below (its own
+attention on its own hidden states), layer i's output is compared with t_i, and the logit KL of
+the next-token distributions is added; the backward runs through every layer. Running freely,
+layer i's error adds up those of every layer below, so its per-layer terms weigh
+`free_running_layer_weight`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers.hf_argparser import HfArg
 
 from .checkpoint import find_latest, verify
@@ -65,6 +66,13 @@ class RunArguments:
             raise NPTError(f"--rollback_lr_factor {self.rollback_lr_factor} is outside (0, 1).", "Pass e.g. 0.3.")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+
+
+def resolve_device(device: str) -> str:
+    """`cpu` or `cuda` for --device auto/cpu/cuda; CUDA asked for and absent is refused."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto), or run on a machine with a GPU.")
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 # ---- the output folder ------------------------------------------------------------------------------

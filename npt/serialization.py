@@ -40,7 +40,7 @@ class NPTConfig:
     base_model_name_or_path: str
     layers: list[int]
     rank: int
-    num_ranks: int = 1
+    num_ranks: int
     modulation_scale: float = 1.0
     dtype: str = "float32"
     model_type: str = ""
@@ -154,6 +154,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> NPTConfig:
         raise NPTError(f"{path} describes a {raw.get('peft_type') or raw.get('adapter_type')} adapter, not an NPT adapter.",
                        "Load it with the library that wrote it (e.g. PEFT); NPT adapters have \"adapter_type\": \"npt\".")
     raw.pop("adapter_sha256", None)
+    raw.setdefault("num_ranks", 1)  # files written before k existed held one rank-1 term
     fields = {f.name for f in dataclasses.fields(NPTConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown or raw.get("format_version", 0) > FORMAT_VERSION:

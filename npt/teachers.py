@@ -224,10 +224,6 @@ def ensure_teacher(recipe: TeacherRecipe = DEFAULT_RECIPE, cache_dir: str | os.P
     return path
 
 
-def ensure_default_teacher(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    return ensure_teacher(DEFAULT_RECIPE, cache_dir, progress)
-
-
 def zoo_recipe(name: str) -> TeacherRecipe:
     """The recipe of `zoo:<name>` (or of the embedded default)."""
     if name == EMBEDDED_NAME:

@@ -32,7 +32,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import apply_state, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
+from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
 from .config import Config
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import TrainStream, heldout_blocks, open_source
@@ -40,14 +40,14 @@ from .divergence import DivergencePolicy
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
 from .evaluate import EvalResult, evaluate, greedy_match
-from .loading import load_model
+from .loading import dtype_name, load_model
 from .losses import NPTLoss
 from .metrics import IntervalMeans, Tracker, to_tags
 from .model import NPTModel
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
 from .optim import build_optimizer, set_learning_rate
-from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_output_dir
+from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_device, resolve_output_dir
 from .serialization import read_adapter_config
 from .teachers import EMBEDDED_NAME
 
@@ -139,9 +139,7 @@ def trackers(cfg: Config) -> list[str]:
 
 def setup(cfg: Config) -> Run:
     # devices, processes and the output dir; nothing is written yet
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise NPTError("--device cuda was asked for, but no CUDA device is available.", "Use --device cpu (or auto), or run on a machine with a GPU.")
-    use_cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    use_cpu = resolve_device(cfg.run.device) == "cpu"
     state = PartialState(cpu=use_cpu)
     if cfg.run.fsdp and state.num_processes < 2:
         raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
@@ -250,7 +248,7 @@ def banner(run: Run) -> None:
     phases = f"teacher forcing until step {free_from}, then free-running" if cfg.free_running else "teacher forcing throughout"
     if cfg.free_running and cfg.loss.logit_kl_weight:
         phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g})"
-    base_dtype = str(next(npt.model.parameters()).dtype).removeprefix("torch.")
+    base_dtype = dtype_name(next(npt.model.parameters()).dtype)
     lines = [
         f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",
         f"model       {npt.npt_config.base_model_name_or_path} ({hc.model_type}, {hc.num_hidden_layers} layers, hidden {hc.hidden_size}); "
@@ -469,7 +467,7 @@ def rollback(run: Run, tracker: Tracker, reason: str) -> None:
 def save(run: Run) -> Path:
     """A checkpoint of the current state (collective; the main process writes it)."""
     state = collect_state(run) | {"config": run.cfg.to_flat()}
-    path = run.out / "checkpoints" / f"step-{run.progress.step:08d}"
+    path = checkpoint_dir(run.out, run.progress.step)
     if run.is_main:
         path = save_checkpoint(run.out, run.progress.step, state, run.npt.npt_config, run.cfg.run.save_total_limit)
     run.accelerator.wait_for_everyone()
