@@ -71,6 +71,7 @@ def demo_components() -> dict[str, float]:
         "curriculum_factor": out.curriculum_factor,
         "temperature": out.temperature,
         "layer_weights": m["layer_weight"].tolist(),
+        "layer_losses": m["layer_loss"].tolist(),
         "reg_weight": cfg.regularization_lambda,
         "gp_weight": cfg.gradient_penalty_lambda,
     }
@@ -86,21 +87,27 @@ def demo_curriculum(warmup: int = 100, initial_temperature: float = 3.0) -> list
 
 def demo_variants() -> dict[str, dict[str, float]]:
     """Each loss on the same errors: small Gaussian errors, then the same with 1% large outliers."""
+    h, target, small, outliers = variant_tensors()
+    cfg = LossConfig(mse_weight=0.5, focal_gamma=2.0, smooth_beta=1.0)
+    table = {}
+    energy = (target - h).pow(2).mean()
+    for name in ("mse", "improved_npt", "focal_mse", "smooth_l1_mse"):
+        row = {}
+        for case, student in (("small errors", small), ("with outliers", outliers)):
+            row[case] = LOSSES[name](LayerTensors(student, target, h, energy), cfg, 1.0).item()
+        table[name] = row
+    return table
+
+
+def variant_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h, the target T, a student with small errors, the same student with 1% large outliers."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(256, 64, generator=g)
     target = h + torch.randn(256, 64, generator=g)
     small = target + 0.3 * torch.randn(256, 64, generator=g)
     outliers = small.clone()
     outliers.view(-1)[torch.randperm(outliers.numel(), generator=g)[: outliers.numel() // 100]] += 8.0
-    cfg = LossConfig(mse_weight=0.5, focal_gamma=2.0, smooth_beta=1.0)
-    table = {}
-    for name in ("mse", "improved_npt", "focal_mse", "smooth_l1_mse"):
-        row = {}
-        for case, student in (("small errors", small), ("with outliers", outliers)):
-            energy = (target - h).pow(2).mean()
-            row[case] = LOSSES[name](LayerTensors(student, target, h, energy), cfg, 1.0).item()
-        table[name] = row
-    return table
+    return h, target, small, outliers
 
 
 # ---- assertions (pytest) -------------------------------------------------------------------------
@@ -117,11 +124,13 @@ def test_adaptive_weighting_balances_layers_of_different_scales():
 
 def test_components_add_up():
     c = demo_components()
-    assert c["curriculum_factor"] == curriculum_factor(25, 100) and c["temperature"] == distill_temperature(c["curriculum_factor"], 3.0)
+    # step 25 of a 100-step curriculum from 0.5: c = 0.5 + 0.25 (1 + cos(0.75 pi)), T = 1 + 2 (1 - c) / 0.5
+    assert abs(c["curriculum_factor"] - 0.5732233) < 1e-6 and abs(c["temperature"] - 2.7071068) < 1e-6
     expected = c["alignment"] + c["curriculum_factor"] * (c["reg_weight"] * c["regularization"] + c["gp_weight"] * c["grad_penalty"])
     assert abs(c["total"] - expected) < 1e-5 * max(1.0, abs(expected))
     assert c["mse"] > 0 and 0 < c["cosine"] < 2 and c["grad_penalty"] > 0 and c["regularization"] > 0
-    assert abs(sum(c["layer_weights"]) - 1) < 1e-6
+    # the alignment term is the weighted layer losses (weights detached), each divided by T^2 already
+    assert abs(c["alignment"] - sum(w * l for w, l in zip(c["layer_weights"], c["layer_losses"]))) < 1e-6
 
 
 def test_curriculum_progression():
@@ -135,8 +144,11 @@ def test_variants_react_to_outliers_as_the_guide_says():
     t = demo_variants()
     growth = {name: row["with outliers"] / row["small errors"] for name, row in t.items()}
     assert growth["focal_mse"] > growth["mse"] > growth["smooth_l1_mse"]  # focal: focuses on hard errors; smooth L1: robust
-    # improved_npt = mse_weight * MSE + cosine_weight * (1 - cos): more than its MSE part alone
-    assert t["improved_npt"]["small errors"] > 0.5 * t["mse"]["small errors"]
+    # improved_npt by hand: mse_weight * mean((S - T)^2) / E + cosine_weight * mean(1 - cos(S - h, T - h))
+    h, target, small, _ = variant_tensors()
+    cos = torch.nn.functional.cosine_similarity(small - h, target - h, dim=-1)
+    by_hand = 0.5 * (small - target).pow(2).mean() / (target - h).pow(2).mean() + 0.2 * (1 - cos).mean()
+    assert abs(t["improved_npt"]["small errors"] - by_hand.item()) < 1e-5
 
 
 # ---- the demonstration (python test_improved_loss.py) --------------------------------------------
