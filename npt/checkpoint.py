@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from .distributed import full_state_dict, load_full_state_dict, load_optimizer_s
 from .errors import NPTError
 from .serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NPTConfig, load_adapter_weights, save_adapters, sha256_file, write_json_atomic
 
+logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINING_STATE = "training_state.pt"
@@ -208,7 +210,7 @@ def find_latest(output_dir: Path) -> Path | None:
             verify(path)
             return path
         except NPTError as e:
-            print(f"[npt] skipping checkpoint {path.name}: {e.cause}", flush=True)
+            logger.warning(f"skipping checkpoint {path.name}: {e.cause}")
     return None
 
 

@@ -11,8 +11,10 @@ recovery, 128 + N stopped by signal N (a resumable checkpoint was written).
 
 from __future__ import annotations
 
+import logging
 import sys
 
+from . import logs
 from .commands import (
     EvalArguments,
     GenerateArguments,
@@ -30,6 +32,8 @@ from .errors import NPTError
 from .run import Interrupted
 from .train import TooManyBadSteps, train
 
+logger = logging.getLogger(__name__)
+
 
 def main(argv: list[str] | None = None) -> int:
     """`npt-pretrain` (also `python pretrain_npt_improved.py`): equivalence pre-training."""
@@ -39,19 +43,20 @@ def main(argv: list[str] | None = None) -> int:
 def _pretrain(argv: list[str] | None) -> tuple[int, bool]:
     """(exit code, whether the run was sharded with FSDP)."""
     sharded = False
+    logs.configure()
     try:
         cfg = parse_args(argv)
         sharded = cfg.run.fsdp
         train(cfg)
     except Interrupted as e:
         where = f"; resumable checkpoint: {e.checkpoint}" if e.checkpoint else ""
-        print(f"[npt] interrupted by signal {e.signum}{where}. Resume with --resume_from_checkpoint latest.", file=sys.stderr)
+        logger.warning(f"interrupted by signal {e.signum}{where}. Resume with --resume_from_checkpoint latest.")
         return 128 + e.signum, sharded
     except TooManyBadSteps as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error(str(e))
         return 3, sharded
     except NPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error(str(e))
         return 2, sharded
     finally:
         end_process_group()
@@ -82,10 +87,11 @@ def _adapter_command(prog: str, description: str, groups: list[type], argv: list
 
 
 def _report_errors(command) -> int:
+    logs.configure()
     try:
         command()
     except NPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error(str(e))
         return 2
     return 0
 

@@ -5,11 +5,13 @@
                  checkpoints/       resumable states (see checkpoint.py)
                  adapter/           the final adapters: the best held-out ones seen
                  summary.json       the final evaluation, the best step, rollbacks, warnings
+                 train.log          what the console showed, with times (see logs.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import signal
 import time
@@ -23,7 +25,8 @@ from .checkpoint import find_latest, verify
 from .distributed import broadcast_object
 from .errors import NPTError
 
-RUN_FILES = ("config.json", "checkpoints", "adapter", "tensorboard", "summary.json")
+logger = logging.getLogger(__name__)
+RUN_FILES = ("config.json", "checkpoints", "adapter", "tensorboard", "summary.json", "train.log")
 
 
 @dataclasses.dataclass
@@ -50,6 +53,7 @@ class RunArguments:
     fsdp: bool = HfArg(default=False, help="Shard the teacher's weights across processes (FSDP2) instead of replicating them (DDP); for teachers that do not fit one device. Needs several processes.")
     gradient_checkpointing: bool = HfArg(default=False, help="Recompute each NPT layer's student computation in backward instead of storing its activations (less memory, more compute).")
     compile: bool = HfArg(default=False, aliases=["--torch_compile"], help="torch.compile each NPT layer's student computation (meant for CUDA; no gain measured on CPU).")
+    log_level: Literal["debug", "info", "warning", "error"] = HfArg(default="info", help="Console and train.log level of the main process (the others log warnings and errors only).")
     progress: bool = HfArg(default=True, help="Show the progress bar (without it, or when stdout is not a terminal, one text line per logging step).")
     report_to: list[str] = HfArg(default_factory=lambda: ["tensorboard"], help="Trackers for the curves and the run config, through accelerate: tensorboard, wandb, mlflow, ... (installed ones), or none.")
 
@@ -144,7 +148,7 @@ class GracefulStop:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n[npt] signal {signum} received: saving a checkpoint at the end of this step, then exiting.", flush=True)
+        logger.warning(f"signal {signum} received: saving a checkpoint at the end of this step, then exiting.")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,7 @@ from .data import Packer, is_heldout
 from .errors import NPTError
 from .gguf import PACKAGED
 
+logger = logging.getLogger(__name__)
 EMBEDDED_NAME = "npt-embedded-default"
 ZOO_PREFIX = "zoo:"
 
@@ -216,11 +218,11 @@ def ensure_teacher(recipe: TeacherRecipe = DEFAULT_RECIPE, cache_dir: str | os.P
     with file_lock(root / ".teacher.lock"):
         if not (path / "build_info.json").is_file():
             if progress:
-                print(f"Building the teacher {name} in {path} (once; a few minutes on CPU) ...", flush=True)
+                logger.info(f"Building the teacher {name} in {path} (once; a few minutes on CPU) ...")
             info = build_teacher(path, docs, recipe, progress)
             if progress:
-                print(f"Teacher {name} built in {info['build_seconds']:.0f} s: held-out perplexity "
-                      f"{info['heldout_perplexity']:.1f} on {info['heldout_tokens']} tokens.", flush=True)
+                logger.info(f"Teacher {name} built in {info['build_seconds']:.0f} s: held-out perplexity "
+                            f"{info['heldout_perplexity']:.1f} on {info['heldout_tokens']} tokens.")
     return path
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from . import logs
 from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
 from .config import Config
 from .corpus import PREFIX as CORPUS_PREFIX
@@ -52,6 +54,7 @@ from .serialization import read_adapter_config
 from .teachers import EMBEDDED_NAME
 
 CALIBRATION_BLOCKS = 16
+logger = logging.getLogger(__name__)
 
 
 class TooManyBadSteps(NPTError):
@@ -107,10 +110,10 @@ class Run:
     def sharded(self) -> bool:
         return self.cfg.run.fsdp
 
-    def print(self, message: str) -> None:
+    def log(self, message: str, level: int = logging.INFO, **kwargs) -> None:
+        """A line every process would write alike: written once, by the main process."""
         if self.is_main:
-            tqdm.write(message, file=sys.stdout)
-            sys.stdout.flush()
+            logger.log(level, message, **kwargs)
 
 
 # ---- set-up -----------------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ def start(run: Run) -> Tracker:
         run.out.mkdir(parents=True, exist_ok=True)
         cfg.replace(output_dir=str(run.out)).save(run.out / "config.json")
     run.accelerator.wait_for_everyone()
+    logs.configure(cfg.run.log_level, run.out / logs.FILE_NAME)
     tracker = Tracker(run.accelerator, cfg.to_flat(), purge_step=run.progress.step + 1 if run.resume else None)
     banner(run)
     return tracker
@@ -263,7 +267,7 @@ def banner(run: Run) -> None:
     ]
     if run.resume is not None:
         lines.append(f"resume      resumed from {run.resume} at step {run.progress.step}")
-    run.print("\n".join("[npt] " + line for line in lines))
+    run.log("\n".join(lines))
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         validate(run, tracker)
         r = run.policy.start
         greedy = f", greedy match {r['greedy_match']:.1f}/{r['greedy_tokens']}" if "greedy_match" in r else ""
-        run.print(f"[npt] before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, top-1 agreement {r['top1_agreement']:.1%}{greedy}, "
+        run.log(f"before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, top-1 agreement {r['top1_agreement']:.1%}{greedy}, "
                   f"perplexity teacher {r['teacher_ppl']:.2f} / student {r['student_ppl']:.2f}")
 
     while run.progress.step < cfg.optim.max_steps:
@@ -325,7 +329,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             p.skipped_steps += 1
             p.consecutive_bad += 1
             tracker.scalars(p.step, {"training/skipped_steps": p.skipped_steps})
-            run.print(f"[npt] step {p.step}: non-finite loss or gradient, step skipped ({p.consecutive_bad} in a row, {p.skipped_steps} in total)")
+            run.log(f"step {p.step}: non-finite loss or gradient, step skipped ({p.consecutive_bad} in a row, {p.skipped_steps} in total)", logging.WARNING)
         run.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         p.train_seconds += seconds
@@ -360,7 +364,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         if finite and cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0 and p.step < cfg.optim.max_steps:
             result = validate(run, tracker)
             greedy = f", greedy match {result.greedy_match:.1f}/{result.greedy_tokens}" if result.greedy_match is not None else ""
-            run.print(f"[npt] step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.1%}"
+            run.log(f"step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.1%}"
                       f"{greedy}, perplexity ratio {result.ppl_ratio:.3f}")
         if finite and p.step % cfg.run.save_steps == 0 and p.step < cfg.optim.max_steps:
             save(run)
@@ -387,13 +391,13 @@ def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: di
     weights = values.get("layer_weight") if cfg.loss.use_adaptive_weights else None
     signs = run.monitor.update(p.step, tags, weights, values.get("weight_temperature"))
     for sign in signs:
-        run.print(sign.message)
+        run.log(sign.message, logging.WARNING)
         tracker.text(p.step, "monitor/warnings", sign.message)
         tracker.scalars(p.step, {f"monitor/{sign.key}": 1.0})
     line = (f"loss {tags['loss/total']:.4f} | mse {tags['loss/mse']:.4f} | cos {tags['loss/cosine']:.4f} | "
             f"lr {tags['training/learning_rate']:.2e} | {tags['training/tokens_per_sec']:.0f} tok/s")
     if text_lines:
-        run.print(f"[npt] step {p.step}/{cfg.optim.max_steps} | {line}{' | free-running' if free_running else ''}")
+        run.log(f"step {p.step}/{cfg.optim.max_steps} | {line}{' | free-running' if free_running else ''}")
     else:
         bar.set_postfix_str(line)
     return run.policy.observe_log(tags, signs, free_running).diverged
@@ -425,7 +429,7 @@ def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
         rollback(run, tracker, verdict.diverged)
         return result
     if verdict.diverged:
-        run.print(f"[npt] the last evaluation is worse than the last good one ({verdict.diverged}); adapter/ keeps the best ones seen.")
+        run.log(f"the last evaluation is worse than the last good one ({verdict.diverged}); adapter/ keeps the best ones seen.", logging.WARNING)
         return result
     best = run.best is None or record["kl"] < run.best["kl"]
     if verdict.good or best:
@@ -447,8 +451,8 @@ def rollback(run: Run, tracker: Tracker, reason: str) -> None:
     p = run.progress
     if not can_roll_back(run):
         if not p.unrecovered:
-            run.print(f"[npt] step {p.step}: training diverged ({reason}); no rollback left "
-                      f"({len(p.rollbacks)} of --max_rollbacks {run.cfg.run.max_rollbacks} used). The saved adapters will be the best held-out ones.")
+            run.log(f"step {p.step}: training diverged ({reason}); no rollback left ({len(p.rollbacks)} of --max_rollbacks "
+                    f"{run.cfg.run.max_rollbacks} used). The saved adapters will be the best held-out ones.", logging.WARNING)
         p.unrecovered.append({"step": p.step, "reason": reason})
         return
     restore_training(run, run.last_good)
@@ -457,9 +461,9 @@ def rollback(run: Run, tracker: Tracker, reason: str) -> None:
     p.consecutive_bad = 0
     p.lr_scale *= run.cfg.run.rollback_lr_factor
     p.rollbacks.append({"step": p.step, "to_step": target, "reason": reason, "lr_scale": p.lr_scale})
-    message = (f"[npt] step {p.step}: training diverged ({reason}). Rolled back to the state of step {target}, "
+    message = (f"step {p.step}: training diverged ({reason}). Rolled back to the state of step {target}, "
                f"learning rate x{p.lr_scale:.3g} (rollback {len(p.rollbacks)} of {run.cfg.run.max_rollbacks}).")
-    run.print(message)
+    run.log(message, logging.WARNING)
     tracker.text(p.step, "training/rollbacks", message)
     tracker.scalars(p.step, {"training/rollbacks": len(p.rollbacks), "training/lr_scale": p.lr_scale})
 
@@ -481,7 +485,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
     final_ckpt = save(run)
     digests = gather_objects(run.npt.adapter_digest())
     if len(set(digests)) > 1:
-        run.print(f"[npt] WARNING: the processes hold different adapters ({digests}); the saved ones are process 0's. This is a bug: please report it.")
+        run.log(f"the processes hold different adapters ({digests}); the saved ones are process 0's. This is a bug: please report it.", logging.WARNING)
     best = {k: v for k, v in run.best.items() if k != "adapters"}
     final = run.eval_history[-1]
     summary = {
@@ -520,7 +524,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         lines.append(f"\nTrained {p.step} steps, {p.tokens_seen:,} tokens in {p.train_seconds:.0f} s of training "
                      f"({summary['runtime_seconds']:.0f} s in all){f', {len(p.rollbacks)} rollback(s)' if p.rollbacks else ''}.")
         lines.append(f"Adapters: {out / 'adapter'}   Curves: tensorboard --logdir {out / 'tensorboard'}")
-        run.print("\n".join(lines))
+        run.log("\n".join(lines), extra={"plain": True})  # the final table, without the line prefix
     tracker.close()
     acc.wait_for_everyone()
     return summary
@@ -528,6 +532,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
 
 def train(cfg: Config) -> dict:
     wall_start = time.perf_counter()
+    logs.configure(cfg.run.log_level)
     run = setup(cfg)
     # from the first file written on, SIGINT/SIGTERM end the run with a checkpoint at the next step
     with GracefulStop() as stopper:

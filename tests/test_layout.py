@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, script_env
 
 # The flow of docs/architecture.md: a module may import only modules before it.
-ORDER = ["errors", "corpus", "gguf", "data", "teachers", "architecture", "capture", "verify", "layer", "serialization", "distributed",
+ORDER = ["errors", "logs", "corpus", "gguf", "data", "teachers", "architecture", "capture", "verify", "layer", "serialization", "distributed",
          "loading", "model", "schedules", "weighting", "losses", "kl", "objective", "evaluate", "monitor", "metrics", "divergence", "optim",
          "checkpoint", "run", "config", "train", "inject", "commands", "cli"]
 PACKAGE = ROOT / "npt"
@@ -27,8 +27,9 @@ def test_every_module_is_placed_in_the_flow_and_imports_only_what_comes_before_i
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
-                imported = (node.module or "").split(".")[0]
-                assert ORDER.index(imported) < ORDER.index(name), f"npt.{name} imports npt.{imported}, which comes after it"
+                # `from .x import y`, or `from . import x`
+                for imported in [node.module.split(".")[0]] if node.module else [a.name for a in node.names]:
+                    assert ORDER.index(imported) < ORDER.index(name), f"npt.{name} imports npt.{imported}, which comes after it"
 
 
 def test_no_module_imports_inside_a_function():
