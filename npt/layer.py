@@ -145,6 +145,7 @@ class NPTDecoderLayer(nn.Module):
         # decoder layer's output must stay a single tensor for HF's model loop).
         self.keep_regularizer = False
         self.last_regularizer: torch.Tensor | None = None
+        self.compiled_output = None  # see compile_student()
         self._signature = inspect.signature(type(layer).forward)
         layer.forward = self._dispatch  # an instance attribute: the class's forward stays the teacher's
 
@@ -198,9 +199,18 @@ class NPTDecoderLayer(nn.Module):
         out = self.layer.self_attn(hidden_states=self.layer.input_layernorm(hidden_states), **attn_kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def compile_student(self, **options) -> None:
+        """Run `npt_output` compiled from now on (both phases use it). The module's own forward
+        is left alone: HF's loop, hooks and the teacher mode see the same module."""
+        self.compiled_output = torch.compile(self._npt_output, **options)
+
     def npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The NPT layer's output for input h and attention output a, and the per-token
-        regulariser. When h does not require grad (teacher forcing), the frozen projections
+        regulariser (compiled after `compile_student()`)."""
+        return (self.compiled_output or self._npt_output)(hidden_states, attn)
+
+    def _npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`npt_output`, eager. When h does not require grad (teacher forcing), the frozen projections
         W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
         autograd node that keeps one d_ffn-wide tensor for its backward."""
         mlp = self.layer.mlp

@@ -148,8 +148,11 @@ def setup(cfg: Config) -> Run:
         raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
     out = resolve_output_dir(cfg.run)
     resume = checkpoint_to_resume(cfg.run, out)
-    # accelerate keeps one state per process; several runs in one process (the ablation and zoo
-    # tools, tests) each set their own precision. The process group (PartialState) stays.
+    # accelerate keeps one state per process, and a second Accelerator with another
+    # --mixed_precision in the same process raises ("AcceleratorState has already been
+    # initialized and cannot be changed"); the ablation and zoo tools and the tests run several
+    # runs in one process, each with its own precision. accelerate offers no public reset, so its
+    # own (private) one is used; the process group (PartialState) stays.
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision(cfg, use_cpu), log_with=trackers(cfg) or None, project_dir=str(out))
 
@@ -197,7 +200,7 @@ def setup(cfg: Config) -> Run:
         calibrate_adapters(npt, sample.to(accelerator.device))
     if cfg.run.compile:
         for layer in npt.npt_layers.values():
-            layer.npt_output = torch.compile(layer.npt_output)  # used by teacher-forced and free-running steps
+            layer.compile_student()
 
     # several processes: shard (FSDP) or wrap (DDP), then the optimizer (FSDP replaces the parameters it shards)
     if cfg.run.fsdp:

@@ -154,12 +154,12 @@ def test_the_real_smollm2_teacher_loads_converts_and_trains(tmp_path):
     file = packaged_file("smollm2-135m")
     out = tmp_path / "run"
     assert main(["--model_name", "zoo:smollm2-135m", "--npt_layers", "28-29", "--output_dir", str(out), "--max_length", "32",
-                 "--batch_size", "2", "--max_steps", "6", "--eval_steps", "3", "--eval_blocks", "4", "--num_samples", "0",
-                 "--no-progress", "--report_to", "none"]) == 0
+                 "--batch_size", "2", "--max_steps", "6", "--eval_steps", "0", "--eval_blocks", "4", "--num_samples", "0",
+                 "--greedy_prompts", "2", "--greedy_tokens", "8", "--no-progress", "--report_to", "none"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     before = summary["eval_before"]
-    # a trained model: a random one with this vocabulary would sit near 49152
-    assert before["teacher_ppl"] < 300, before
+    # a trained model (about 360 on these 4 blocks of 32 tokens); a random one would sit near the vocabulary, 49152
+    assert before["teacher_ppl"] < 1000, before
     assert summary["eval"]["kl"] < before["kl"], (before["kl"], summary["eval"]["kl"])
     config = read_adapter_config(out / "adapter")
     assert config.base_model_name_or_path == "zoo:smollm2-135m" and config.num_hidden_layers == 30
