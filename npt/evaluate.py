@@ -8,6 +8,8 @@ Running the student freely (each NPT layer feeds the next, as in deployment):
     kl          mean over predicted tokens of KL(teacher || student) of the next-token distributions
     teacher_ppl, student_ppl   exp of the mean next-token negative log-likelihood
     top1_agreement   share of predicted positions where teacher and student rank the same token first
+    kl_stderr, top1_stderr   standard errors of those two, over blocks (each block's mean is one
+                     sample; a 95% interval is +-1.96 of them)
 Generating (`greedy_match`): from held-out prompts, teacher and student each continue greedily for
 `new_tokens` tokens; the match is the number of leading tokens that are identical (new_tokens:
 the same continuation), averaged over prompts. A student can sit close to its teacher's
@@ -39,6 +41,8 @@ class EvalResult:
     student_ppl: float
     tokens: int
     top1_agreement: float = float("nan")
+    kl_stderr: float = float("nan")
+    top1_stderr: float = float("nan")
     greedy_match: float | None = None  # mean identical leading tokens of greedy continuations, when measured
     greedy_tokens: int = 0  # tokens generated per prompt for greedy_match
     greedy_prompts: int = 0
@@ -54,7 +58,7 @@ class EvalResult:
     def record(self) -> dict:
         """The result as the run's summary and `npt-eval` write it."""
         out = {"rel_error_mean": self.rel_error_mean, "rel_error": self.rel_error, "update_cosine": self.update_cosine, "kl": self.kl,
-               "top1_agreement": self.top1_agreement, "teacher_ppl": self.teacher_ppl, "student_ppl": self.student_ppl,
+               "kl_stderr": self.kl_stderr, "top1_agreement": self.top1_agreement, "top1_stderr": self.top1_stderr, "teacher_ppl": self.teacher_ppl, "student_ppl": self.student_ppl,
                "ppl_ratio": self.ppl_ratio, "tokens": self.tokens}
         if self.greedy_match is not None:
             out |= {"greedy_match": self.greedy_match, "greedy_tokens": self.greedy_tokens, "greedy_prompts": self.greedy_prompts}
@@ -83,7 +87,8 @@ class EvalResult:
         rows.append(f"| mean | {self.rel_error_mean:.4f} | {sum(self.update_cosine) / len(self.update_cosine):.4f} |")
         rows.append("")
         rows.append(
-            f"free-running: KL(teacher||student) {self.kl:.4f} nats/token, top-1 agreement {self.top1_agreement:.1%}, "
+            f"free-running: KL(teacher||student) {self.kl:.4f} +- {1.96 * self.kl_stderr:.4f} nats/token, "
+            f"top-1 agreement {self.top1_agreement:.1%} +- {1.96 * self.top1_stderr:.1%} (95% intervals over blocks), "
             f"perplexity teacher {self.teacher_ppl:.2f}, student {self.student_ppl:.2f} (ratio {self.ppl_ratio:.3f}), {self.tokens} tokens"
         )
         if self.greedy_match is not None:
@@ -98,9 +103,12 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
     device = npt_model.device
     layers = list(npt_model.npt_layers)
     if len(blocks) == 0:  # more processes than held-out blocks
-        return torch.zeros(4 * len(layers) + 5, dtype=torch.float64, device=device)
+        return torch.zeros(4 * len(layers) + 10, dtype=torch.float64, device=device)
     per_layer = torch.zeros(len(layers), 4, dtype=torch.float64, device=device)
-    logit_sums = torch.zeros(5, dtype=torch.float64, device=device)
+    # KL, teacher NLL, student NLL, agreeing positions, predicted positions; then over blocks with
+    # predicted positions: their count, and the sums of the per-block mean KL, of its square, of the
+    # per-block agreement, of its square (the standard errors, from sums that processes can add)
+    logit_sums = torch.zeros(10, dtype=torch.float64, device=device)
     # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
     # is whole only inside the model's own forward.
     fused = not is_sharded(npt_model.model)
@@ -123,15 +131,20 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
         else:
             s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
-        logit_sums[:4] += next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
-        logit_sums[4] += valid.sum()
+        per_row = next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
+        counts = valid.sum(-1).double()
+        logit_sums[:4] += per_row.sum(0)
+        logit_sums[4] += counts.sum()
+        used = counts > 0
+        kl_mean, agree_mean = per_row[used, 0] / counts[used], per_row[used, 3] / counts[used]
+        logit_sums[5:] += torch.stack([used.sum().double(), kl_mean.sum(), kl_mean.pow(2).sum(), agree_mean.sum(), agree_mean.pow(2).sum()])
     return torch.cat([per_layer.flatten(), logit_sums])
 
 
 def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
     n = len(layers)
     per_layer = sums[: 4 * n].view(n, 4).cpu()
-    kl, t_nll, s_nll, agree, count = sums[4 * n :].tolist()
+    kl, t_nll, s_nll, agree, count, blocks, kl_s, kl_s2, ag_s, ag_s2 = sums[4 * n :].tolist()
     count = max(count, 1.0)
     return EvalResult(
         layers=list(layers),
@@ -142,7 +155,17 @@ def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
         student_ppl=math.exp(s_nll / count),
         tokens=int(count),
         top1_agreement=agree / count,
+        kl_stderr=_stderr(kl_s, kl_s2, blocks),
+        top1_stderr=_stderr(ag_s, ag_s2, blocks),
     )
+
+
+def _stderr(total: float, squares: float, n: float) -> float:
+    """Standard error of the mean of n samples given their sum and sum of squares (nan below 2)."""
+    if n < 2:
+        return float("nan")
+    variance = max(squares - total * total / n, 0.0) / (n - 1)
+    return math.sqrt(variance / n)
 
 
 def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> EvalResult:

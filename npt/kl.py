@@ -90,18 +90,19 @@ def softened_kl(teacher_out: torch.Tensor, student_out: torch.Tensor, mask: torc
 
 
 @torch.no_grad()
-def next_token_sums(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, head: nn.Module | None) -> torch.Tensor:
-    """float64 sums over valid positions of KL(teacher || student), teacher NLL and student NLL of
-    `labels`, and the count of positions where the two argmax next tokens agree; `t_out`, `s_out`
-    [B, L, *] are final hidden states (with `head`) or logits."""
+def next_token_sums(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                    head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch, float64 sums over its valid positions of KL(teacher || student),
+    teacher NLL and student NLL of `labels`, and the count of positions where the two argmax next
+    tokens agree: [B, 4]. `t_out`, `s_out` [B, L, *] are final hidden states (with `head`) or logits."""
     keep = valid.reshape(-1)
+    row_of = valid.nonzero()[:, 0]  # the batch row of each kept position, in the same (row-major) order
     t_flat, s_flat = t_out.reshape(-1, t_out.shape[-1])[keep], s_out.reshape(-1, s_out.shape[-1])[keep]
     y = labels.reshape(-1)[keep]
-    sums = torch.zeros(4, dtype=torch.float64, device=t_out.device)
+    per_row = torch.zeros(valid.shape[0], 4, dtype=torch.float64, device=t_out.device)
     for rows, lt, ls in log_prob_chunks(t_flat, s_flat, head):
         yy = y[rows][:, None]
-        sums[0] += (lt.exp() * (lt - ls)).sum().double()
-        sums[1] -= lt.gather(-1, yy).sum().double()
-        sums[2] -= ls.gather(-1, yy).sum().double()
-        sums[3] += (lt.argmax(-1) == ls.argmax(-1)).sum().double()
-    return sums
+        stats = torch.stack([(lt.exp() * (lt - ls)).sum(-1), -lt.gather(-1, yy)[:, 0], -ls.gather(-1, yy)[:, 0],
+                             (lt.argmax(-1) == ls.argmax(-1)).float()], dim=1)
+        per_row.index_add_(0, row_of[rows], stats.double())
+    return per_row

@@ -58,7 +58,7 @@ class LossConfig:
     smooth_beta: float = HfArg(default=1.0, help="Beta of the smooth L1 term of smooth_l1_mse.")
     free_running_steps: str = HfArg(default="0.6", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below.")
     logit_kl_weight: float = HfArg(default=1.0, help="Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.")
-    free_running_layer_weight: float = HfArg(default=1.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1). Running freely, layer i's error adds up those of every layer below.")
+    free_running_layer_weight: float = HfArg(default=0.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1); 0: the free-running phase trains on the logit KL alone. Running freely, layer i's error adds up those of every layer below.")
 
     def __post_init__(self):
         def need(ok: bool, cause: str, fix: str) -> None:

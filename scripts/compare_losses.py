@@ -42,7 +42,9 @@ VARIANTS: dict[str, list[str]] = {
     "smooth_l1_mse": ["--loss_type", "smooth_l1_mse", "--mse_weight", "0.5"],
     "guide's setting: k=1, teacher forcing only": ["--num_ranks", "1", "--free_running_steps", "0", "--logit_kl_weight", "0"],
     "teacher forcing only": ["--free_running_steps", "0", "--logit_kl_weight", "0"],
-    "free-running without logit KL": ["--logit_kl_weight", "0"],
+    "free-running without logit KL": ["--logit_kl_weight", "0", "--free_running_layer_weight", "1"],
+    "free-running with the per-layer terms too (the previous default)": ["--free_running_layer_weight", "1"],
+    "free-running throughout": ["--free_running_steps", "1.0"],
     "k=4 (the previous default)": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],
 }
@@ -84,20 +86,24 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
+def _greedy(record: dict) -> str:
+    return f"{record['greedy_match']:.1f} / {record['greedy_tokens']}" if "greedy_match" in record else "-"
+
+
 def table(rows: list[dict]) -> str:
     first = rows[0]["summary"]
     lines = [
-        "| variant | flags | mean rel error | per-layer rel error | KL (nats/token) | student ppl | ppl ratio | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | flags | mean rel error | per-layer rel error | KL (nats/token) | top-1 agreement | greedy match | student ppl | ppl ratio | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     before = first.get("eval_before")
     if before:
         lines.append(f"| before training (attention dropped) | | {before['rel_error_mean']:.4f} | {' / '.join(f'{r:.3f}' for r in before['rel_error'])} "
-                     f"| {before['kl']:.4f} | {before['student_ppl']:.2f} | {before['ppl_ratio']:.3f} | |")
+                     f"| {before['kl']:.4f} | {before['top1_agreement']:.1%} | {_greedy(before)} | {before['student_ppl']:.2f} | {before['ppl_ratio']:.3f} | |")
     for row in rows:
         e = row["summary"]["eval"]
         lines.append(f"| {row['variant']} | `{row['flags']}` | {e['rel_error_mean']:.4f} | {' / '.join(f'{r:.3f}' for r in e['rel_error'])} "
-                     f"| {e['kl']:.4f} | {e['student_ppl']:.2f} | {e['ppl_ratio']:.3f} | {row['seconds']:.0f} |")
+                     f"| {e['kl']:.4f} | {e['top1_agreement']:.1%} | {_greedy(e)} | {e['student_ppl']:.2f} | {e['ppl_ratio']:.3f} | {row['seconds']:.0f} |")
     e = first["eval"]
     lines.append("")
     lines.append(f"Teacher perplexity {e['teacher_ppl']:.2f} on {e['tokens']} held-out tokens; {first['steps']} steps per variant.")

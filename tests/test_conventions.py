@@ -76,6 +76,12 @@ def test_a_run_speaks_before_during_and_after_training(tmp_path, trained_teacher
     assert sum(2 * 128 / r for r in rates.values()) == pytest.approx(summary["train_seconds"], abs=0.1)
     assert summary["tokens_seen"] == 8 * 4 * 32
     assert summary["mixed_precision"] == "no"
+    # the same lines, with times and module names, in train.log; the behaviour metrics in the summary
+    log = (out / "train.log").read_text()
+    assert " INFO npt.train: step 8/8 | loss" in log and " INFO npt.train: before training: mean rel error" in log
+    final = summary["eval"]
+    assert 0 <= final["top1_agreement"] <= 1 and final["greedy_prompts"] == 4 and 0 <= final["greedy_match"] <= 32
+    assert len(summary["greedy_samples_final"]) == 4 and {"eval/top1_agreement", "eval/greedy_match"} <= set(read_scalars(out))
 
 
 @pytest.mark.slow

@@ -41,20 +41,29 @@ def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkey
         assert res.rel_error[k] == pytest.approx(math.sqrt(err / upd), rel=1e-5)
         assert res.update_cosine[k] == pytest.approx(float(sum(cos) / len(cos)), rel=1e-5)
     kl, t_nll, s_nll, agree, n = 0.0, 0.0, 0.0, 0, 0
+    block_kl, block_agree = [], []
     for b in range(5):
+        kl_b, agree_b, n_b = 0.0, 0, 0
         for t in range(11):
             if real[b, t] and real[b, t + 1]:
                 p = F.softmax(t_logits[b, t].double(), -1)
                 q = F.softmax(s_logits[b, t].double(), -1)
-                kl += float((p * (p.log() - q.log())).sum())
+                kl_b += float((p * (p.log() - q.log())).sum())
                 t_nll -= float(p[x[b, t + 1]].log())
                 s_nll -= float(q[x[b, t + 1]].log())
-                agree += int(t_logits[b, t].argmax() == s_logits[b, t].argmax())
-                n += 1
+                agree_b += int(t_logits[b, t].argmax() == s_logits[b, t].argmax())
+                n_b += 1
+        kl, agree, n = kl + kl_b, agree + agree_b, n + n_b
+        block_kl.append(kl_b / n_b)
+        block_agree.append(agree_b / n_b)
     assert res.tokens == n == 5 * 11 - 3 - 7
     assert 0 < agree < n  # the random adapters change some argmax tokens, not all
     assert res.top1_agreement == pytest.approx(agree / n)
     assert res.kl == pytest.approx(kl / n, rel=1e-4)
+    # standard errors over the 5 blocks: each block's mean is one sample
+    for value, samples in ((res.kl_stderr, block_kl), (res.top1_stderr, block_agree)):
+        mean = sum(samples) / 5
+        assert value == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in samples) / 4 / 5), rel=1e-4)
     assert res.teacher_ppl == pytest.approx(math.exp(t_nll / n), rel=1e-5)
     assert res.student_ppl == pytest.approx(math.exp(s_nll / n), rel=1e-5)
 

@@ -10,6 +10,7 @@ import pytest
 from npt.corpus import fingerprint, load_corpus, stdlib_docstrings
 from npt.errors import NPTError
 from npt.loading import load_model
+from npt import logs
 from npt.teachers import DEFAULT_RECIPE, ZOO, TeacherRecipe, ensure_teacher, zoo_recipe
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,7 @@ def test_code_and_prose_corpora(tmp_path, name, marker):
 
 
 def test_default_teacher_builds_from_nothing_offline_and_is_cached(tmp_path, capsys):
+    logs.configure()  # the commands do this; the build logs through the package's logger
     path = ensure_teacher(MICRO, tmp_path, progress=True)
     out = capsys.readouterr().out
     assert "held-out perplexity" in out
