@@ -76,11 +76,10 @@ class BenchSpec:
     loss_type: str = "improved_npt"
     seed: int = 0
     gradient_checkpointing: bool = False
-    autocast: bool = False  # bfloat16 autocast over float32 weights, on any device (CUDA with a low-precision dtype always autocasts)
 
     @property
     def compute_dtype(self) -> str:
-        return "bfloat16" if self.autocast else self.dtype
+        return self.dtype
 
 
 def build_model(spec: BenchSpec):
@@ -118,8 +117,8 @@ class ProjectStep:
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
         self.objective = EquivalenceObjective(self.npt, loss)
         self.opt = torch.optim.AdamW(list(self.npt.adapter_parameters()), lr=1e-4)
-        self.autocast = spec.autocast or (spec.device.startswith("cuda") and spec.dtype != "float32")
-        self.dtype = DTYPES[spec.compute_dtype]
+        self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
+        self.dtype = DTYPES[spec.dtype]
 
     def step(self, x: torch.Tensor) -> None:
         with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.autocast):
@@ -142,6 +141,27 @@ class FreeRunningStep(ProjectStep):
     free_running = True
 
 
+class ProjectStepBF16(ProjectStep):
+    """The teacher-forced step under bfloat16 autocast, over the same weights (`--mixed_precision
+    bf16`; on CPU it pays where the CPU multiplies bfloat16 natively, e.g. AVX512-BF16)."""
+
+    name = "project step, bf16 autocast"
+    compute_dtype = "bfloat16"
+
+    def __init__(self, model, spec: BenchSpec):
+        super().__init__(model, spec)
+        self.autocast, self.dtype = True, torch.bfloat16
+
+
+class FreeRunningStepBF16(FreeRunningStep):
+    name = "project step, free-running + logit KL, bf16 autocast"
+    compute_dtype = "bfloat16"
+
+    def __init__(self, model, spec: BenchSpec):
+        super().__init__(model, spec)
+        self.autocast, self.dtype = True, torch.bfloat16
+
+
 class OriginalStep:
     name = "original design"
 
@@ -155,8 +175,8 @@ class OriginalStep:
             randomize_adapters(self.student, spec.seed + 1, scale=0.05)
         self.loss = NPTLoss(LossConfig(loss_type=spec.loss_type), len(self.student.npt_config.layers))
         self.opt = torch.optim.AdamW(list(self.student.adapter_parameters()), lr=1e-4)
-        self.autocast = spec.autocast or (spec.device.startswith("cuda") and spec.dtype != "float32")
-        self.dtype = DTYPES[spec.compute_dtype]
+        self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
+        self.dtype = DTYPES[spec.dtype]
 
     def _losses(self, x: torch.Tensor):
         last = {}
@@ -199,7 +219,9 @@ def naive_npt_output(layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
     return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x) + delta.to(x.dtype)) * mlp.up_proj(x))
 
 
-CONTENDERS = {"teacher": TeacherForward, "project": ProjectStep, "original": OriginalStep, "free": FreeRunningStep}
+CONTENDERS = {"teacher": TeacherForward, "project": ProjectStep, "original": OriginalStep, "free": FreeRunningStep,
+              "project_bf16": ProjectStepBF16, "free_bf16": FreeRunningStepBF16}
+FLOPS_AS = {"project_bf16": "project", "free_bf16": "free"}  # the same matmul work as
 
 
 def make_batch(model, spec: BenchSpec) -> torch.Tensor:
@@ -219,8 +241,9 @@ def time_contenders(spec: BenchSpec, rounds: int = 5, steps: int = 3, warmup: in
     # The project converts `model` in place; the original design gets its own teacher copy here
     # (and its student copy on top). Memory is measured per contender in separate processes.
     # The free-running contender converts its own copy too (its adapters are the same).
-    built = {k: CONTENDERS[k](copy.deepcopy(model) if k in ("original", "free") else model, spec)
-             for k in ("original", "free", "teacher", "project") if k in which}
+    # contenders that convert the model build on their own copy; the project step converts `model`
+    built = {k: CONTENDERS[k](copy.deepcopy(model) if k not in ("teacher", "project") else model, spec)
+             for k in (*(k for k in which if k not in ("teacher", "project")), "teacher", "project") if k in which}
     contenders = {k: built[k] for k in which}
     for c in contenders.values():
         for _ in range(warmup):
@@ -326,11 +349,11 @@ def step_flops(spec: BenchSpec) -> dict[str, float]:
     return {"teacher": teacher, "project": teacher + student_tf, "original": original, "free": free}
 
 
-def matmul_rate(spec: BenchSpec, repeats: int = 20) -> float:
-    """This machine's dense matmul rate (FLOP/s) in the run's device and dtype, on the shape's
-    own largest matmul: [batch x seq, d_model] @ [d_model, d_ffn]. The best of `repeats`."""
+def matmul_rate(spec: BenchSpec, dtype_name: str, repeats: int = 20) -> float:
+    """This machine's dense matmul rate (FLOP/s) on the run's device in `dtype_name`, on the
+    shape's own largest matmul: [batch x seq, d_model] @ [d_model, d_ffn]. The best of `repeats`."""
     c = model_config(spec)
-    dtype = DTYPES[spec.compute_dtype]
+    dtype = DTYPES[dtype_name]
     n, d, f = spec.batch_size * spec.seq_len, c.hidden_size, c.intermediate_size
     a = torch.randn(n, d, device=spec.device, dtype=dtype)
     b = torch.randn(d, f, device=spec.device, dtype=dtype)
@@ -347,11 +370,11 @@ def matmul_rate(spec: BenchSpec, repeats: int = 20) -> float:
     return 2 * n * d * f / best
 
 
-def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None, rate: float | None = None) -> str:
+def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None, rates: dict[str, float] | None = None) -> str:
     tokens = spec.batch_size * spec.seq_len
     lines = [
         f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, r={spec.rank}, k={spec.num_ranks}, {spec.device}, {spec.dtype}"
-        f"{', bfloat16 autocast' if spec.autocast else ''}{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
+        f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
         "|---|---|---|---|---|---|---|",
@@ -361,18 +384,18 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
         if key not in times:
             continue
         mem = f"{memory[key]:.0f}" if memory and key in memory else "-"
-        achieved = flops[key] / times[key]
+        achieved = flops[FLOPS_AS.get(key, key)] / times[key]
+        rate = rates.get(getattr(step_cls, "compute_dtype", spec.compute_dtype)) if rates else None
         share = f"{achieved / rate:.0%}" if rate else "-"
         lines.append(f"| {step_cls.name} | {times[key] * 1e3:.1f} | {tokens / times[key]:.0f} | {times[key] / times['teacher']:.2f} | "
                      f"{achieved / 1e9:.1f} | {share} | {mem} |")
     lines.append("")
-    if rate:
-        lines.append(f"Dense matmul rate measured here ({spec.compute_dtype}, [{tokens} x {model_config(spec).hidden_size}] @ "
+    for dtype, rate in (rates or {}).items():
+        lines.append(f"Dense matmul rate measured here ({dtype}, [{tokens} x {model_config(spec).hidden_size}] @ "
                      f"[{model_config(spec).hidden_size} x {model_config(spec).intermediate_size}]): {rate / 1e9:.1f} GFLOP/s.")
     if "original" in times:
         mem_ratio = f", {memory['project'] / memory['original']:.2f}x its peak memory" if memory else ""
-        lines.append(f"Project vs original: {times['original'] / times['project']:.2f}x the tokens/s{mem_ratio}. ")
-    lines[-1] += f"Matmul FLOPs put the project step's floor at {flops['project'] / flops['teacher']:.2f}x the teacher forward."
+        lines.append(f"Project vs original: {times['original'] / times['project']:.2f}x the tokens/s{mem_ratio}.")
     return "\n".join(lines)
 
 
@@ -385,12 +408,12 @@ class BenchArguments:
     device: str = dataclasses.field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda"})
     dtype: str | None = dataclasses.field(default=None, metadata={"help": "default: bfloat16 on CUDA, float32 on CPU"})
     gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help": "the project step with --gradient_checkpointing"})
-    autocast: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast over the weights' dtype (CPU too: the main job's --mixed_precision bf16)"})
     rounds: int = 5
     steps: int = 3
     no_memory: bool = dataclasses.field(default=False, metadata={"help": "skip the per-contender memory processes"})
     contenders: str = dataclasses.field(default="teacher,project,original,free", metadata={
-        "help": "comma-separated; 'free' is the default recipe's free-running step with the logit KL (teacher and project are always run)"})
+        "help": "comma-separated; 'free' is the default recipe's free-running step with the logit KL, 'project_bf16' and 'free_bf16' the same under "
+                "bfloat16 autocast (teacher and project are always run)"})
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     memory_child: str | None = dataclasses.field(default=None, metadata={"help": argparse.SUPPRESS})
@@ -410,12 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         small = shape == "embedded"
         spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                          rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, device=args.device, dtype=dtype,
-                         gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast)
+                         gradient_checkpointing=args.gradient_checkpointing)
         which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
         times = time_contenders(spec, args.rounds, args.steps, which=which)
         memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
-        print(report(spec, times, memory, matmul_rate(spec)))
-        if args.peak_tflops:
+        dtypes = {spec.compute_dtype} | {getattr(CONTENDERS[k], "compute_dtype", spec.compute_dtype) for k in which}
+        print(report(spec, times, memory, {d: matmul_rate(spec, d) for d in sorted(dtypes)}))
+        if args.peak_tflops:  # a device's datasheet peak (a GPU's), next to the measured matmul rate
             flops = step_flops(spec)
             achieved = flops["project"] / times["project"] / 1e12
             print(f"Project step: {achieved:.1f} TFLOP/s of matmul work, {achieved / args.peak_tflops:.1%} of the {args.peak_tflops:g} TFLOP/s peak.")
