@@ -24,7 +24,6 @@ class LayerRecord:
     outputs: torch.Tensor  # t_i   [B, L, d], before any final norm
     attn_kwargs: dict  # what the layer received besides h (mask, rotary embeddings, positions)
     attn: torch.Tensor | None = None  # a_i   [B, L, d], when attention outputs are recorded
-    regularizer: torch.Tensor | None = None  # per-token regulariser of an NPT layer run freely
 
 
 class _StopForward(Exception):
@@ -55,10 +54,7 @@ class record_layers:
             h = args[0] if args else kwargs["hidden_states"]
             attn_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
             out = output[0] if isinstance(output, tuple) else output
-            regularizer = getattr(module, "last_regularizer", None)
-            if regularizer is not None:
-                module.last_regularizer = None
-            self.records[idx] = LayerRecord(h, out, attn_kwargs, self._attn.pop(idx, None), regularizer)
+            self.records[idx] = LayerRecord(h, out, attn_kwargs, self._attn.pop(idx, None))
             if idx == self.stop_after:
                 raise _StopForward
 
@@ -131,13 +127,7 @@ def run_student(
     with_final_hidden: bool = False,
 ) -> tuple[dict[int, LayerRecord], torch.Tensor | None]:
     """Run the NPT model freely (each NPT layer fed by the layer below), with autograd, and return
-    every converted layer's record (output and per-token regulariser) and, if asked, the logits
-    or the final hidden state. Otherwise the forward stops after the last converted layer."""
-    layers = npt_model.npt_layers.values()
-    for layer in layers:
-        layer.keep_regularizer = True
-    try:
-        return _record_forward(npt_model, input_ids, attention_mask, with_logits, stop_early, with_final_hidden, attention=False)
-    finally:
-        for layer in layers:
-            layer.keep_regularizer = False
+    every converted layer's record (input, the student's own attention output, output) and, if
+    asked, the logits or the final hidden state. Otherwise the forward stops after the last
+    converted layer."""
+    return _record_forward(npt_model, input_ids, attention_mask, with_logits, stop_early, with_final_hidden, attention=True)

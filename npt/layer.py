@@ -68,7 +68,7 @@ class NPTAdapter(nn.Module):
         v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_ffn))
         return v_m, v_f
 
-    def forward(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | None, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Gate delta s * sum_j v_f[j] (v_m[j] . x) and the per-token squared Frobenius norm of
         s * sum_j v_f[j] v_m[j]^T (the regulariser), without forming the matrix, nor even the
         vectors v_m, v_f per token:
@@ -78,15 +78,26 @@ class NPTAdapter(nn.Module):
             v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
 
         so the adapter costs O(k r (d_model + d_ffn)) per token and stores no [tokens, k, d_ffn]
-        tensor. `vectors()` gives v_m, v_f explicitly (same values)."""
+        tensor. `vectors()` gives v_m, v_f explicitly (same values).
+
+        `x` None: the regulariser alone (it depends on `attn` only). Called as the module, not as
+        a method, so that a sharded (FSDP) adapter gathers its weights for it."""
+        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        if x is None:
+            return self._frob2(z)
         k, r, d, f = self.num_ranks, self.rank, self.d_model, self.d_ffn
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
-        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
         xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
         coef = self.c_m * (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
         outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
         delta = (self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))
+        return delta, self._frob2(z)
+
+    def _frob2(self, z: torch.Tensor) -> torch.Tensor:
+        k, d, f, r = self.num_ranks, self.d_model, self.d_ffn, self.rank
+        w_m = self.B_m.weight.view(k, d, r)
+        w_f = self.B_f.weight.view(k, f, r)
         # dots[j, l] = dots[l, j], so only pairs j <= l are computed (off-diagonal ones counted
         # twice): a [tokens, r^2] x [r^2, k(k+1)/2] GEMM instead of [r^2] x [r^2, k^2]. Measured on
         # the embedded default (k = r = 16, 8 x 128 tokens, 2 CPU threads), side by side: the
@@ -96,8 +107,7 @@ class NPTAdapter(nn.Module):
         zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., r^2]
         dots_m = zz @ _pair_gram(w_m, a, b)  # [..., k(k+1)/2]: v_m[j] . v_m[l] / c_m^2
         dots_f = zz @ _pair_gram(w_f, a, b)
-        frob2 = (self.scale * self.c_m * self.c_f) ** 2 * ((dots_m * dots_f) @ twice)
-        return delta, frob2
+        return (self.scale * self.c_m * self.c_f) ** 2 * ((dots_m * dots_f) @ twice)
 
     @torch.no_grad()
     def calibrate_(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> dict[str, float]:
@@ -141,10 +151,6 @@ class NPTDecoderLayer(nn.Module):
         # Recompute this layer's student computation in backward instead of keeping its
         # activations (teacher-forced: the MLP and adapter; free-running: attention too).
         self.gradient_checkpointing = False
-        # Set by run_student: the NPT forward then keeps its per-token regulariser here (the
-        # decoder layer's output must stay a single tensor for HF's model loop).
-        self.keep_regularizer = False
-        self.last_regularizer: torch.Tensor | None = None
         self.compiled_output = None  # see compile_student()
         self._signature = inspect.signature(type(layer).forward)
         layer.forward = self._dispatch  # an instance attribute: the class's forward stays the teacher's
@@ -158,14 +164,20 @@ class NPTDecoderLayer(nn.Module):
     def self_attn(self) -> nn.Module:
         return self.layer.self_attn
 
-    def forward(self, hidden_states: torch.Tensor, *args, npt_student_attn: torch.Tensor | None = None, **kwargs):
-        """Teacher layer (npt_enabled False), NPT layer (True), or, given `npt_student_attn`, the
-        teacher-forced student output and regulariser for input h and attention output a.
+    def forward(self, hidden_states: torch.Tensor, *args, npt_student_attn: torch.Tensor | None = None,
+                npt_regularizer_of: torch.Tensor | None = None, **kwargs):
+        """Teacher layer (npt_enabled False), NPT layer (True); given `npt_student_attn`, the
+        teacher-forced student output and regulariser for input h and attention output a; given
+        `npt_regularizer_of` (an attention output), the regulariser alone (a free-running step's:
+        HF's decoder loop passes one tensor from layer to layer, so it is computed afterwards from
+        the recorded attention outputs).
 
-        The student computation goes through this module's call (not a plain method) so that a
-        sharded (FSDP) layer gathers its weights for it, and again for its backward."""
+        The student computations go through this module's call (not a plain method) so that a
+        sharded (FSDP) layer gathers its weights for them, and again for their backward."""
         if npt_student_attn is not None:
             return self.student_output(hidden_states, npt_student_attn)
+        if npt_regularizer_of is not None:
+            return self.adapter(None, npt_regularizer_of)
         return self.layer(hidden_states, *args, **kwargs)
 
     def _dispatch(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -183,10 +195,7 @@ class NPTDecoderLayer(nn.Module):
         return self._npt_forward(hidden_states, **kwargs)
 
     def _npt_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        out, frob2 = self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))
-        if self.keep_regularizer:
-            self.last_regularizer = frob2
-        return out
+        return self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))[0]
 
     def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`npt_output`, recomputed in backward when gradient checkpointing is on."""

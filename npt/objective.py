@@ -91,7 +91,7 @@ class EquivalenceObjective(nn.Module):
         if free_running:
             runs, s_final = run_student(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early)
             students = {idx: rec.outputs for idx, rec in runs.items()}
-            frob2s = {idx: rec.regularizer for idx, rec in runs.items()}
+            frob2s = {idx: self.npt.npt_layers[idx](None, npt_regularizer_of=rec.attn) for idx, rec in runs.items()}
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():

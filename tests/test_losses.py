@@ -301,7 +301,8 @@ def test_free_running_student_chains_npt_layers_and_trains_across_layers():
         a = layer.attention(h, attention_mask=None, position_embeddings=emb, position_ids=pos)
         h, f2 = layer.npt_output(h, a)
         torch.testing.assert_close(records[i].outputs, h, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(records[i].regularizer, f2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(records[i].attn, a, rtol=1e-5, atol=1e-5)  # the student's own attention output
+        torch.testing.assert_close(layer(None, npt_regularizer_of=records[i].attn), f2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits, npt(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
     # A loss on the last layer alone reaches the first layer's adapter only when running freely.
@@ -379,7 +380,7 @@ def test_final_hidden_state_through_the_head_gives_the_models_logits():
 def test_free_running_objective_adds_the_logit_kl_term():
     torch.manual_seed(0)
     npt = NPTModel.convert(tiny_model(), "all", rank=4)
-    loss = NPTLoss(LossConfig(loss_type="mse", logit_kl_weight=0.5), 3)
+    loss = NPTLoss(LossConfig(loss_type="mse", logit_kl_weight=0.5, free_running_layer_weight=1.0), 3)
     obj = EquivalenceObjective(npt, loss)
     x = torch.randint(0, 128, (2, 8))
     free = obj(x, None, step=5, free_running=True)
@@ -388,6 +389,11 @@ def test_free_running_objective_adds_the_logit_kl_term():
     assert free.metrics["logit_kl"].item() > 0
     assert free.metrics["total"].item() == pytest.approx(
         free.metrics["alignment"].item() + 0.01 * free.metrics["regularization"].item() + 0.5 * free.metrics["logit_kl"].item(), rel=1e-5)
+    # the default: the per-layer terms weigh 0 in free-running steps (still computed and logged)
+    default = EquivalenceObjective(npt, NPTLoss(LossConfig(loss_type="mse", logit_kl_weight=0.5), 3))(x, None, step=5, free_running=True)
+    assert default.metrics["alignment"].item() == pytest.approx(free.metrics["alignment"].item(), rel=1e-6)
+    assert default.metrics["total"].item() == pytest.approx(
+        0.01 * free.metrics["regularization"].item() + 0.5 * free.metrics["logit_kl"].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("on", ["update", "hidden"])
