@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -60,3 +61,14 @@ def test_matmul_counts_of_the_real_teacher_shape():
     flops = bench.step_flops(spec)
     assert flops["teacher"] == pytest.approx(L * layer)
     assert flops["free"] - flops["project"] > 3 * 2 * n * d * V  # the LM head of the logit KL alone
+
+
+def test_plot_runs_draws_the_held_out_curves_of_finished_runs(tmp_path):
+    plot = load_script("plot_runs")
+    for name, kls in (("a", [2.0, 1.0]), ("b", [2.0, 0.5])):
+        (tmp_path / name).mkdir()
+        history = [{"step": s, "kl": k, "top1_agreement": 0.5, "ppl_ratio": 1 + k} for s, k in zip((0, 10), kls)]
+        (tmp_path / name / "summary.json").write_text(json.dumps({"eval_history": history}))
+    out = tmp_path / "curves.png"
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
