@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != len(args.runs):
         parser.error("give one label per run")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for run, label in zip(args.runs, labels):
+    for i, (run, label) in enumerate(zip(args.runs, labels)):
         history = json.loads((Path(run) / "summary.json").read_text())["eval_history"]
         steps = [h["step"] for h in history]
-        axes[0].plot(steps, [h["kl"] for h in history], marker="o", ms=3, label=label)
-        if all("top1_agreement" in h for h in history):
-            axes[1].plot(steps, [h["top1_agreement"] for h in history], marker="o", ms=3, label=label)
-        axes[2].plot(steps, [h["ppl_ratio"] for h in history], marker="o", ms=3, label=label)
+        style = dict(marker="o", ms=3, label=label, color=f"C{i}")  # one colour per run in every panel
+        axes[0].plot(steps, [h["kl"] for h in history], **style)
+        if all("top1_agreement" in h for h in history):  # runs of older versions lack it
+            axes[1].plot(steps, [h["top1_agreement"] for h in history], **style)
+        axes[2].plot(steps, [h["ppl_ratio"] for h in history], **style)
     axes[0].set(ylabel="held-out KL(teacher || student), nats/token", yscale="log")
     axes[1].set(ylabel="held-out top-1 agreement")
     axes[2].set(ylabel="student / teacher perplexity", yscale="log")
