@@ -154,7 +154,7 @@ def test_the_real_smollm2_teacher_loads_converts_and_trains(tmp_path):
     file = packaged_file("smollm2-135m")
     out = tmp_path / "run"
     assert main(["--model_name", "zoo:smollm2-135m", "--npt_layers", "28-29", "--output_dir", str(out), "--max_length", "32",
-                 "--batch_size", "2", "--max_steps", "6", "--eval_steps", "0", "--eval_blocks", "4", "--num_samples", "0",
+                 "--batch_size", "2", "--max_steps", "4", "--eval_steps", "0", "--eval_blocks", "4", "--num_samples", "0",
                  "--greedy_prompts", "2", "--greedy_tokens", "8", "--no-progress", "--report_to", "none"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     before = summary["eval_before"]

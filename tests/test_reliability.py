@@ -265,9 +265,10 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_conventionally(tmp_path,
     proc = _launch(tiny_args(trained_teacher_dir, out, "--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "5"))
     _wait_for(lambda: (out / "tensorboard").is_dir() and any(p.stat().st_size > 200 for p in (out / "tensorboard").iterdir()), proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    out_text, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
-    assert "Resume with --resume_from_checkpoint latest" in err
+    # the run's last console line (logged, so on stdout with the others, and in train.log)
+    assert "[npt] interrupted by signal" in out_text and "Resume with --resume_from_checkpoint latest" in out_text
     (step, ckpt), = list_checkpoints(out)
     verify(ckpt)
     assert step > 0
