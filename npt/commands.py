@@ -24,7 +24,7 @@ from .architecture import resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, heldout_blocks, open_source
 from .errors import NPTError
-from .evaluate import evaluate, greedy_match
+from .evaluate import evaluate, measure_greedy
 from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
@@ -87,10 +87,7 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     every = args.documents == "all" or (args.documents == "auto" and not own_data)
     blocks = heldout_blocks(open_source(data), tokenizer, data, every_document=every)
     result = evaluate(npt, blocks.to(npt.device), args.eval_batch_size)
-    samples = []
-    if args.greedy_prompts:
-        result.greedy_match, samples = greedy_match(npt, tokenizer, blocks, args.greedy_prompts, new_tokens=args.greedy_tokens)
-        result.greedy_tokens, result.greedy_prompts = args.greedy_tokens, len(samples)
+    samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens) if args.greedy_prompts else []
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
               "blocks": len(blocks), "max_length": data.max_length} | result.record() | {"greedy_samples": samples}
     out = Path(args.output_json) if args.output_json else folder / "eval.json"

@@ -8,7 +8,8 @@
 Sources are parsed, never imported or run, and read in a fixed order, so a corpus depends only on
 the Python version's files. Each is cached as JSON lines under the cache root, keyed by that
 version. `--dataset_name embedded:<name>` trains on one of them; the embedded teacher was
-trained on `docstrings`.
+trained on `docstrings`. The cache's helpers live here too (its root, a file lock, content hashes
+of a corpus and of a file), for everything else this package caches or checks.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ def load_corpus(name: str = "docstrings", cache_dir: str | os.PathLike | None = 
                 os.replace(tmp, path)
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint(docs: list[str]) -> str:

@@ -221,7 +221,14 @@ def greedy_match(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num_promp
     return sum(matches) / max(len(matches), 1), samples
 
 
-def sample_generations(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num: int, prompt_len: int = 16, new_tokens: int = 32,
-                       synced: bool = False) -> list[dict]:
-    """Greedy continuations of held-out prompts by the teacher and by the free-running student."""
-    return greedy_match(npt_model, tokenizer, blocks, num, prompt_len, new_tokens, synced)[1]
+def measure_greedy(result: EvalResult, npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num_prompts: int, new_tokens: int,
+                   synced: bool = False) -> list[dict]:
+    """`greedy_match` into `result` (match, tokens, prompts); returns the texts."""
+    result.greedy_match, samples = greedy_match(npt_model, tokenizer, blocks, num_prompts, new_tokens=new_tokens, synced=synced)
+    result.greedy_tokens, result.greedy_prompts = new_tokens, len(samples)
+    return samples
+
+
+def greedy_cell(record: dict) -> str:
+    """A record's greedy match as a table cell ("-" when it was not measured)."""
+    return f"{record['greedy_match']:.1f} / {record['greedy_tokens']}" if "greedy_match" in record else "-"

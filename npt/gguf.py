@@ -16,7 +16,6 @@ llama.cpp bindings, which the teacher does not).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .corpus import cache_root, file_lock
+from .corpus import cache_root, file_lock, sha256_file
 from .errors import NPTError
 
 SOURCE_FILE = "npt_source.json"
@@ -88,14 +87,6 @@ def packaged_file(name: str) -> Path:
     return path
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def recorded_source(folder: str | os.PathLike) -> dict | None:
     """{"source", "sha256", ...} of a folder made from a GGUF file, or None for any other folder."""
     path = Path(folder) / SOURCE_FILE
@@ -108,7 +99,7 @@ def ensure_folder(path: Path, dtype: torch.dtype, source: str | None = None) -> 
     file = gguf_file(path).resolve()
     if importlib.util.find_spec("gguf") is None:
         raise NPTError(f"Reading {file.name} needs the `gguf` package, which is not installed.", "pip install 'npt-pretrain[real]' (or pip install gguf).")
-    digest = sha256_of(file)
+    digest = sha256_file(file)
     dtype_name = str(dtype).removeprefix("torch.")
     root = cache_root() / "gguf"
     out = root / f"{digest[:16]}-{dtype_name}"

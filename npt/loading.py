@@ -33,8 +33,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.model_name and self.model_name.startswith(ZOO_PREFIX):
-            key = self.model_name.removeprefix(ZOO_PREFIX)
-            if key in PACKAGED:
+            if key := packaged_key(self.model_name):
                 packaged_file(key)  # a missing package is refused here, before anything loads
             else:
                 zoo_recipe(self.model_name)  # and so is an unknown zoo name
@@ -43,9 +42,15 @@ class ModelArguments:
     def default_corpus(self) -> str:
         """The built-in corpus a built-in teacher was trained on (docstrings for any other model)."""
         if self.model_name and self.model_name.startswith(ZOO_PREFIX):
-            key = self.model_name.removeprefix(ZOO_PREFIX)
-            return PACKAGED[key].corpus if key in PACKAGED else zoo_recipe(self.model_name).corpus
+            key = packaged_key(self.model_name)
+            return PACKAGED[key].corpus if key else zoo_recipe(self.model_name).corpus
         return "docstrings"
+
+
+def packaged_key(name: str | None) -> str | None:
+    """The PACKAGED key of `zoo:<key>` when it names a packaged real checkpoint, else None."""
+    key = name.removeprefix(ZOO_PREFIX) if name and name.startswith(ZOO_PREFIX) else None
+    return key if key in PACKAGED else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,8 +75,8 @@ def resolve_model_path(name_or_path: str | None, dtype: torch.dtype = torch.floa
     """A local folder or a hub id; None means the embedded default and `zoo:<name>` a teacher of
     the zoo (both built on first use); a GGUF file (or a folder holding one) and a packaged real
     checkpoint (zoo:smollm2-135m) become a folder dequantized to `dtype` (cached after the first use)."""
-    if name_or_path and name_or_path.removeprefix(ZOO_PREFIX) in PACKAGED and name_or_path.startswith(ZOO_PREFIX):
-        return str(ensure_folder(packaged_file(name_or_path.removeprefix(ZOO_PREFIX)), dtype, source=name_or_path))
+    if key := packaged_key(name_or_path):
+        return str(ensure_folder(packaged_file(key), dtype, source=name_or_path))
     if not name_or_path or name_or_path == EMBEDDED_NAME or name_or_path.startswith(ZOO_PREFIX):
         return str(ensure_named_teacher(name_or_path or EMBEDDED_NAME))
     path = Path(name_or_path).expanduser()

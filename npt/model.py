@@ -100,8 +100,8 @@ class NPTModel(nn.Module):
             p.requires_grad_(False)
         for i, layer in wrapped.items():
             layer_list[i] = layer
-        name = base_model_name_or_path or getattr(hf_config, "_name_or_path", "") or ""
         loaded_from = getattr(hf_config, "_name_or_path", "") or ""
+        name = base_model_name_or_path or loaded_from
         source = (recorded_source(loaded_from) if loaded_from else None) or {}
         config = NPTConfig(
             base_model_name_or_path=str(name),

@@ -14,7 +14,6 @@ renamed, so a crash never leaves a half-written adapter under the final name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 
+from .corpus import sha256_file  # noqa: F401 (re-exported: checkpoints use it from here)
 from .errors import NPTError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,14 +63,6 @@ class NPTConfig:
             "rank": self.rank,
             "num_ranks": self.num_ranks,
         }
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

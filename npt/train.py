@@ -41,7 +41,7 @@ from .data import TrainStream, heldout_blocks, open_source
 from .divergence import DivergencePolicy
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
-from .evaluate import EvalResult, evaluate, greedy_match
+from .evaluate import EvalResult, evaluate, measure_greedy
 from .loading import dtype_name, load_model
 from .losses import NPTLoss
 from .metrics import IntervalMeans, Tracker, to_tags
@@ -416,9 +416,7 @@ def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
     result = evaluate(run.npt, run.eval_blocks, cfg.run.eval_batch_size)
     samples = []
     if cfg.run.greedy_prompts:  # on every process: sharded layers need all of them, and the records stay alike
-        result.greedy_match, samples = greedy_match(run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, new_tokens=cfg.run.greedy_tokens,
-                                                    synced=run.sharded)
-        result.greedy_tokens, result.greedy_prompts = cfg.run.greedy_tokens, len(samples)
+        samples = measure_greedy(result, run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, cfg.run.greedy_tokens, synced=run.sharded)
     tracker.scalars(p.step, result.scalars())
     record = {"step": p.step} | result.record()
     run.eval_history.append(record)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from npt.config import Config, parse_args
 from npt.errors import NPTError
+from npt.evaluate import greedy_cell
 from npt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +87,6 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def _greedy(record: dict) -> str:
-    return f"{record['greedy_match']:.1f} / {record['greedy_tokens']}" if "greedy_match" in record else "-"
-
-
 def table(rows: list[dict]) -> str:
     first = rows[0]["summary"]
     lines = [
@@ -99,11 +96,11 @@ def table(rows: list[dict]) -> str:
     before = first.get("eval_before")
     if before:
         lines.append(f"| before training (attention dropped) | | {before['rel_error_mean']:.4f} | {' / '.join(f'{r:.3f}' for r in before['rel_error'])} "
-                     f"| {before['kl']:.4f} | {before['top1_agreement']:.1%} | {_greedy(before)} | {before['student_ppl']:.2f} | {before['ppl_ratio']:.3f} | |")
+                     f"| {before['kl']:.4f} | {before['top1_agreement']:.1%} | {greedy_cell(before)} | {before['student_ppl']:.2f} | {before['ppl_ratio']:.3f} | |")
     for row in rows:
         e = row["summary"]["eval"]
         lines.append(f"| {row['variant']} | `{row['flags']}` | {e['rel_error_mean']:.4f} | {' / '.join(f'{r:.3f}' for r in e['rel_error'])} "
-                     f"| {e['kl']:.4f} | {e['top1_agreement']:.1%} | {_greedy(e)} | {e['student_ppl']:.2f} | {e['ppl_ratio']:.3f} | {row['seconds']:.0f} |")
+                     f"| {e['kl']:.4f} | {e['top1_agreement']:.1%} | {greedy_cell(e)} | {e['student_ppl']:.2f} | {e['ppl_ratio']:.3f} | {row['seconds']:.0f} |")
     e = first["eval"]
     lines.append("")
     lines.append(f"Teacher perplexity {e['teacher_ppl']:.2f} on {e['tokens']} held-out tokens; {first['steps']} steps per variant.")

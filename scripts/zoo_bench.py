@@ -24,6 +24,7 @@ import torch
 
 from npt.config import parse_args
 from npt.errors import NPTError
+from npt.evaluate import greedy_cell
 from npt.loading import resolve_model_path
 from npt.teachers import EMBEDDED_NAME, ZOO, ZOO_PREFIX, zoo_recipe
 from npt.train import train
@@ -75,16 +76,12 @@ def table(rows: list[dict], flags: list[str]) -> str:
         lines.append(
             f"| {row['model']} | {t['architecture']} | {t['layers']} x {t['hidden']} | {t['gqa']} | {t['vocab']} | {t['corpus']} "
             f"| {e['teacher_ppl']:.2f} | {b['ppl_ratio']:.3f} | **{e['ppl_ratio']:.3f}** | {b['kl']:.3f} -> {e['kl']:.3f} "
-            f"| {e['top1_agreement']:.1%} | {_greedy(e)} | {' / '.join(f'{r:.2f}' for r in e['rel_error'])} | {s['train_seconds']:.0f} | {warnings} | {len(s['rollbacks'])} |"
+            f"| {e['top1_agreement']:.1%} | {greedy_cell(e)} | {' / '.join(f'{r:.2f}' for r in e['rel_error'])} | {s['train_seconds']:.0f} | {warnings} | {len(s['rollbacks'])} |"
         )
     steps = rows[0]["summary"]["steps"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s)"
     lines += ["", f"Recipe: the defaults{' plus `' + ' '.join(flags) + '`' if flags else ''}, {steps} steps per teacher, on {device}."]
     return "\n".join(lines)
-
-
-def _greedy(record: dict) -> str:
-    return f"{record['greedy_match']:.1f} / {record['greedy_tokens']}" if "greedy_match" in record else "-"
 
 
 def plot(rows: list[dict], path: Path) -> None:

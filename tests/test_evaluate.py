@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import randomize_adapters, tiny_model
 
 from npt.capture import capture_teacher
-from npt.evaluate import evaluate, greedy_match, leading_matches, sample_generations
+from npt.evaluate import evaluate, greedy_match, leading_matches
 from npt.model import NPTModel
 
 
@@ -93,7 +93,7 @@ def test_sample_generations_show_teacher_and_student():
     npt = NPTModel.convert(tiny_model(seed=3, vocab_size=len(tok)), "all", rank=4)
     randomize_adapters(npt, seed=4, scale=1.0)
     blocks = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
-    samples = sample_generations(npt, tok, blocks, num=2, prompt_len=8, new_tokens=6)
+    _, samples = greedy_match(npt, tok, blocks, num_prompts=2, prompt_len=8, new_tokens=6)
     assert len(samples) == 2 and all(set(s) == {"prompt", "teacher", "student", "identical_tokens"} for s in samples)
     assert samples[0]["prompt"] == tok.decode(blocks[0, :8], skip_special_tokens=True)
     assert any(s["teacher"] != s["student"] for s in samples)

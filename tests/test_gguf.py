@@ -17,7 +17,8 @@ from helpers import script_env  # noqa: F401 (the environment the CLI tests shar
 from npt.cli import main
 from npt.config import parse_args
 from npt.errors import NPTError
-from npt.gguf import PACKAGED, packaged_file, sha256_of
+from npt.corpus import sha256_file
+from npt.gguf import PACKAGED, packaged_file
 from npt.loading import load_model
 from npt.model import NPTModel
 from npt.serialization import read_adapter_config
@@ -101,7 +102,7 @@ def test_a_gguf_file_loads_as_the_model_it_was_written_from(tiny_gguf):
     # dequantized once, into a plain cached folder that records where it came from
     folder = Path(loaded.config._name_or_path)
     record = json.loads((folder / "npt_source.json").read_text())
-    assert record["sha256"] == sha256_of(path) and record["dtype"] == "float32"
+    assert record["sha256"] == sha256_file(path) and record["dtype"] == "float32"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     again, _ = load_model(str(path.parent), "float32", "cpu")  # a folder holding one .gguf: the same cache
     assert Path(again.config._name_or_path) == folder
@@ -115,7 +116,7 @@ def test_a_gguf_teacher_trains_and_its_adapters_record_the_file_and_its_sha256(t
                  "--max_steps", "2", "--eval_blocks", "2", "--num_samples", "0", "--no-progress", "--report_to", "none"]) == 0
     config = read_adapter_config(out / "adapter")
     assert config.base_model_name_or_path == str(path.resolve())
-    assert config.base_model_source == str(path.resolve()) and config.base_model_sha256 == sha256_of(path)
+    assert config.base_model_source == str(path.resolve()) and config.base_model_sha256 == sha256_file(path)
     npt = NPTModel.from_pretrained(out / "adapter")  # the base model named there loads from the GGUF again
     assert npt.npt_config.layers == [0, 1]
 
@@ -163,4 +164,4 @@ def test_the_real_smollm2_teacher_loads_converts_and_trains(tmp_path):
     assert summary["eval"]["kl"] < before["kl"], (before["kl"], summary["eval"]["kl"])
     config = read_adapter_config(out / "adapter")
     assert config.base_model_name_or_path == "zoo:smollm2-135m" and config.num_hidden_layers == 30
-    assert config.base_model_sha256 == sha256_of(file)
+    assert config.base_model_sha256 == sha256_file(file)
