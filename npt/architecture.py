@@ -1,32 +1,104 @@
-"""What a decoder layer must have to be converted, checked by attribute before any weight is read.
+"""How a decoder layer is wired, read from its parts before any weight is read; layer selection.
 
-These checks are structural: they refuse a model whose layers lack the parts the NPT formula uses
-(in a second, on the meta device, before a 20 GB download). Parts present but wired differently
-(a residual multiplier, a norm inside the MLP, parallel attention and MLP) pass them; the
-numerical proof in `verify.py` refuses those when the weights are loaded.
+Every dense family the suite converts computes, per layer, with m its residual multiplier (1 but
+for Granite):
+
+    u   = h + m Post_a(SelfAttn(Norm_a(h)))                   the attention residual
+    out = u + m Post_f(W_d(act(W_g x) * W_u x)),  x = Norm_f(u)   the gated MLP residual
+
+and differs only in which norms exist (`PLACEMENTS`) and in how W_g, W_u are stored (two
+matrices, or one fused [2 d_ffn, d_model] `gate_up_proj`, gate half first). `layer_wiring` reads
+that from the layer's attributes (in a second, on the meta device, before a 20 GB download) and
+refuses, in one line, a layer that fits no placement. Parts present but wired differently (a norm
+inside the MLP, parallel attention and MLP, a transform of the logits) pass it; the numerical
+proof in `verify.py` refuses those when the weights are loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import torch
 from torch import nn
 
 from .errors import NPTError, UnsupportedArchitectureError
 
-REQUIRED_PARTS = (
-    "self_attn",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "mlp",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-    "mlp.act_fn",
-)
-# Layers that have these do not feed Norm2(h + a) to the MLP (Gemma-2/3, OLMo-2 style).
-FORBIDDEN_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-SUPPORTED = "Use a Llama-family model (Llama, Mistral, Qwen2, Gemma, ...)."
+# The norms of a layer, in the order they are looked up, and the placements they make:
+# present norms -> (name, Norm_a, Post_a, Norm_f, Post_f). HF names the norm on the attention
+# output of sandwich and post-norm layers "post_attention_layernorm", the same name as Llama's
+# norm before the MLP: the placement, not the name, says what a norm does.
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+PLACEMENTS = {
+    frozenset({"input_layernorm", "post_attention_layernorm"}):
+        ("pre-norm", "input_layernorm", None, "post_attention_layernorm", None),  # Llama, Mistral, Qwen, Gemma 1, Phi-3, GLM, Granite
+    frozenset(NORMS):
+        ("sandwich", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),  # Gemma 2/3
+    frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}):
+        ("post-norm", None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2/3
+}
+SUPPORTED = ("Use a dense decoder of the Llama family or of a known placement: Llama, Mistral, Qwen2/3, Gemma 1/2/3, "
+             "OLMo 2/3, Phi-3/4, GLM, Granite (see docs/architectures.md).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """Where a layer's norms sit (None: no norm there), its residual multiplier m, and how its MLP
+    stores the gate and up projections. Methods take the HF decoder layer itself."""
+
+    placement: str
+    attn_norm: str | None  # Norm_a
+    attn_out_norm: str | None  # Post_a
+    mlp_norm: str | None  # Norm_f
+    mlp_out_norm: str | None  # Post_f
+    fused_gate_up: bool
+    act: str  # the MLP's activation attribute
+    residual_multiplier: float = 1.0
+
+    @staticmethod
+    def apply(layer: nn.Module, norm: str | None, x: torch.Tensor) -> torch.Tensor:
+        return x if norm is None else getattr(layer, norm)(x)
+
+    def attention_output_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is the attention branch Post_a(SelfAttn(Norm_a(h))), called
+        exactly once per forward in either mode: what hooks record as the attention output."""
+        return getattr(layer, self.attn_out_norm) if self.attn_out_norm else layer.self_attn
+
+    def d_ffn(self, layer: nn.Module) -> int:
+        mlp = layer.mlp
+        return mlp.gate_up_proj.out_features // 2 if self.fused_gate_up else mlp.gate_proj.out_features
+
+    def gate_weight(self, layer: nn.Module) -> torch.Tensor:
+        """W_g: for a fused projection, a view of its gate rows (no copy; an in-place change
+        changes the fused weight)."""
+        mlp = layer.mlp
+        return mlp.gate_up_proj.weight[: self.d_ffn(layer)] if self.fused_gate_up else mlp.gate_proj.weight
+
+    def gate_up(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_g x and W_u x; a fused projection runs as its one GEMM and is split as views."""
+        mlp = layer.mlp
+        if self.fused_gate_up:
+            both = mlp.gate_up_proj(x)
+            f = both.shape[-1] // 2
+            return both[..., :f], both[..., f:]
+        return mlp.gate_proj(x), mlp.up_proj(x)
+
+    def activation(self, layer: nn.Module):
+        return getattr(layer.mlp, self.act)
+
+    def attention_formula(self) -> str:
+        """The attention branch a in this placement, for messages."""
+        return _wrap(self.attn_out_norm, f"self_attn({_wrap(self.attn_norm, 'h')})")
+
+    def formula(self) -> str:
+        """The teacher layer's output in terms of its input h and attention branch a, for messages."""
+        m = "" if self.residual_multiplier == 1.0 else f"{self.residual_multiplier:g} "
+        u = f"h + {m}a"
+        return f"{u} + {m}{_wrap(self.mlp_out_norm, 'mlp(' + _wrap(self.mlp_norm, u) + ')')}"
+
+
+def _wrap(norm: str | None, inner: str) -> str:
+    return inner if norm is None else f"{norm}({inner})"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -50,24 +122,49 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def check_layer_supported(layer: nn.Module, idx: int, model_name: str = "model") -> None:
+def layer_wiring(layer: nn.Module, idx: int = 0, model_name: str = "model") -> Wiring:
+    """The wiring of an HF decoder layer, or a one-line refusal naming what does not fit."""
     if hasattr(layer, "adapter") and hasattr(layer, "npt_enabled"):
         raise NPTError(f"Layer {idx} is already an NPT layer.", "Convert the base model, not an NPT model.")
-    missing = [p for p in REQUIRED_PARTS if not _has(layer, p)]
+    where = f"{model_name}: decoder layer {idx} ({type(layer).__name__})"
+
+    def refuse(why: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(f"{where} {why}.", SUPPORTED)
+
+    mlp = getattr(layer, "mlp", None)
+    if mlp is not None and _has(mlp, "experts"):
+        raise refuse("has a mixture-of-experts MLP (mlp.experts): an NPT layer modulates the gate of one dense MLP, "
+                     "and an NPT over experts is not built (docs/architectures.md says what it would need)")
+    missing = [p for p in ("self_attn", "mlp", "mlp.down_proj") if not _has(layer, p)]
+    fused = _has(layer, "mlp.gate_up_proj") and not _has(layer, "mlp.gate_proj")
+    if not fused:
+        missing += [p for p in ("mlp.gate_proj", "mlp.up_proj") if not _has(layer, p)]
+    act = next((a for a in ("act_fn", "activation_fn") if _has(layer, f"mlp.{a}")), None)
+    if act is None:
+        missing.append("mlp.act_fn")
     if missing:
-        raise UnsupportedArchitectureError(
-            f"{model_name}: decoder layer {idx} ({type(layer).__name__}) lacks {', '.join(missing)}; "
-            "the NPT layer needs self_attn, input_layernorm, post_attention_layernorm and a gated MLP "
-            "(mlp.gate_proj/up_proj/down_proj/act_fn).",
-            SUPPORTED,
-        )
-    extra = [p for p in FORBIDDEN_PARTS if _has(layer, p)]
-    if extra:
-        raise UnsupportedArchitectureError(
-            f"{model_name}: decoder layer {idx} ({type(layer).__name__}) has {', '.join(extra)}, so its MLP "
-            "input is not post_attention_layernorm(h + a) and the NPT formula would not apply.",
-            SUPPORTED,
-        )
+        raise refuse(f"lacks {', '.join(missing)}; the NPT layer needs self attention and a gated MLP "
+                     "(mlp.gate_proj/up_proj or a fused mlp.gate_up_proj, mlp.down_proj, an activation)")
+    present = frozenset(n for n in NORMS if _has(layer, n))
+    if present not in PLACEMENTS:
+        lacking = [n for n in ("input_layernorm", "post_attention_layernorm") if n not in present]
+        detail = f"lacks {', '.join(lacking)}" if lacking and present <= {"input_layernorm", "post_attention_layernorm"} else \
+            f"has the norms {', '.join(n for n in NORMS if n in present) or '(none)'}"
+        raise refuse(f"{detail}, which is no known placement (pre-norm: input_layernorm, post_attention_layernorm; "
+                     "sandwich: the four of Gemma 2/3; post-norm: post_attention_layernorm, post_feedforward_layernorm)")
+    name, attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = PLACEMENTS[present]
+    multiplier = getattr(layer, "residual_multiplier", 1.0)
+    if not isinstance(multiplier, (int, float)):
+        raise refuse(f"has a residual multiplier of type {type(multiplier).__name__}, not a number")
+    return Wiring(name, attn_norm, attn_out_norm, mlp_norm, mlp_out_norm, fused, act, float(multiplier))
+
+
+def attention_output_module(layer: nn.Module) -> nn.Module:
+    """The module whose output is the attention branch, for an HF decoder layer or an NPT layer."""
+    wiring = getattr(layer, "wiring", None)
+    if wiring is not None:  # an NPT layer: the wrapped layer's module
+        return wiring.attention_output_module(layer.layer)
+    return layer_wiring(layer).attention_output_module(layer)
 
 
 def resolve_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:

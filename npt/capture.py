@@ -14,6 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from .architecture import attention_output_module
+
 # Keyword arguments of a decoder layer that describe the cache, not the attention pattern.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 
@@ -33,7 +35,8 @@ class _StopForward(Exception):
 class record_layers:
     """`with record_layers(layers) as records: model(...)` fills {index: LayerRecord}.
 
-    `attention`: also record each layer's `self_attn` output. `stop_after`: end the forward right
+    `attention`: also record each layer's attention branch (architecture.py: the output of
+    `self_attn`, or of the norm applied to it in sandwich and post-norm layers). `stop_after`: end the forward right
     after that layer (the block is left quietly; never under FSDP, where an exception must not
     cut through a sharded module's forward)."""
 
@@ -63,7 +66,7 @@ class record_layers:
     def __enter__(self) -> dict[int, LayerRecord]:
         for idx, layer in self.layers.items():
             if self.attention:
-                self._handles.append(layer.self_attn.register_forward_hook(self._attn_hook(idx)))
+                self._handles.append(attention_output_module(layer).register_forward_hook(self._attn_hook(idx)))
             self._handles.append(layer.register_forward_hook(self._layer_hook(idx), with_kwargs=True))
         return self.records
 

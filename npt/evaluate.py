@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .capture import capture_teacher, final_hidden
 from .distributed import all_reduce_sum, evaluation_padding, is_sharded, world
-from .kl import next_token_sums
+from .kl import LogitHead, next_token_sums
 from .model import NPTModel
 
 
@@ -112,7 +112,7 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
     # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
     # is whole only inside the model's own forward.
     fused = not is_sharded(npt_model.model)
-    head = npt_model.model.get_output_embeddings() if fused else None
+    head = LogitHead.of(npt_model.model) if fused else None
     for start in range(0, len(blocks), batch_size):
         x = blocks[start : start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)

@@ -9,6 +9,7 @@ inside the model's own forward, so the full logits are passed instead (`head=Non
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -26,27 +27,67 @@ def kl_chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(1, elements // vocab_size)
 
 
+@dataclasses.dataclass
+class LogitHead:
+    """The LM head as the causal LM applies it to the final hidden state h:
+
+        logits = cap * tanh((W h + b) / (d cap))        cap: Gemma 2's final softcap; d: Granite's logits_scaling
+
+    (each part only where the model's config has it; the conversion proof checks that this equals
+    the model's own logits, so a model with another transform is refused rather than distilled
+    towards something else)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "LogitHead":
+        head, config = model.get_output_embeddings(), model.config
+        return cls(head.weight, head.bias, float(getattr(config, "logits_scaling", None) or 1.0),
+                   getattr(config, "final_logit_softcapping", None))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        z = F.linear(h.to(self.weight.dtype), self.weight, self.bias)
+        if self.divisor != 1.0:
+            z = z / self.divisor
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+    def input_grad(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """d loss / d h from d loss / d logits and the logits this head gave (float32)."""
+        if self.softcap is not None:
+            grad = grad * (1.0 - (logits / self.softcap).square())
+        if self.divisor != 1.0:
+            grad = grad / self.divisor
+        return grad.to(self.weight.dtype) @ self.weight
+
+
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[B, L, d] -> [N, d] float32, padding removed."""
     x = x.float()
     return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
 
 
-def log_prob_chunks(t_out: torch.Tensor, s_out: torch.Tensor, head: nn.Module | None, temperature: float = 1.0,
-                    chunk: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(rows, teacher log-probs, student log-probs) per chunk of rows of [N, d] final hidden states
-    (or [N, vocab] logits when `head` is None), at `temperature`, in float32."""
+def log_prob_chunks(t_out: torch.Tensor, s_out: torch.Tensor, head: LogitHead | None, temperature: float = 1.0,
+                    chunk: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(rows, teacher log-probs, student log-probs, student logits) per chunk of rows of [N, d]
+    final hidden states (or [N, vocab] logits when `head` is None), the log-probs at
+    `temperature`, all in float32."""
     vocab = head.weight.shape[0] if head is not None else t_out.shape[-1]
     chunk = chunk or kl_chunk_tokens(vocab, t_out.device)
     for start in range(0, t_out.shape[0], chunk):
         rows = slice(start, start + chunk)
         t, s = t_out[rows], s_out[rows]
         if head is not None:
-            t, s = F.linear(t.to(head.weight.dtype), head.weight, head.bias), F.linear(s.to(head.weight.dtype), head.weight, head.bias)
+            t, s = head(t), head(s)
         t, s = t.float(), s.float()
         if temperature != 1.0:
-            t, s = t / temperature, s / temperature
-        yield rows, torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+            yield rows, torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1), s
+        else:
+            yield rows, torch.log_softmax(t, -1), torch.log_softmax(s, -1), s
 
 
 class _ChunkedSoftenedKL(torch.autograd.Function):
@@ -60,11 +101,11 @@ class _ChunkedSoftenedKL(torch.autograd.Function):
         n = h_s.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         grad = torch.empty_like(h_s) if ctx.needs_input_grad[0] else None
-        for rows, log_p, log_q in log_prob_chunks(h_t, h_s, head, temperature, chunk):
+        for rows, log_p, log_q, s_logits in log_prob_chunks(h_t, h_s, head, temperature, chunk):
             p = log_p.exp()
             if grad is not None:
                 g = log_q.exp().sub_(p).mul_(temperature / n)
-                grad[rows] = (g.to(head.weight.dtype) @ head.weight).to(grad.dtype)
+                grad[rows] = head.input_grad(g, s_logits).to(grad.dtype)
                 del g
             total += torch.vdot(p.view(-1), log_p.sub_(log_q).view(-1))
         ctx.save_for_backward(grad)
@@ -78,7 +119,7 @@ class _ChunkedSoftenedKL(torch.autograd.Function):
 
 
 def softened_kl(teacher_out: torch.Tensor, student_out: torch.Tensor, mask: torch.Tensor | None, temperature: float,
-                head: nn.Module | None = None, chunk: int | None = None) -> torch.Tensor:
+                head: LogitHead | None = None, chunk: int | None = None) -> torch.Tensor:
     """T^2 * mean over real positions of KL(softmax(t/T) || softmax(s/T)) (Hinton et al. 2015; the
     T^2 keeps the gradient's size independent of T). `teacher_out`, `student_out`: final hidden
     states with `head` (chunked, see above), or logits without."""
@@ -91,7 +132,7 @@ def softened_kl(teacher_out: torch.Tensor, student_out: torch.Tensor, mask: torc
 
 @torch.no_grad()
 def next_token_sums(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                    head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    head: LogitHead | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of the batch, float64 sums over its valid positions of KL(teacher || student),
     teacher NLL and student NLL of `labels`, and the count of positions where the two argmax next
     tokens agree: [B, 4]. `t_out`, `s_out` [B, L, *] are final hidden states (with `head`) or logits."""
@@ -100,7 +141,7 @@ def next_token_sums(t_out: torch.Tensor, s_out: torch.Tensor, labels: torch.Tens
     t_flat, s_flat = t_out.reshape(-1, t_out.shape[-1])[keep], s_out.reshape(-1, s_out.shape[-1])[keep]
     y = labels.reshape(-1)[keep]
     per_row = torch.zeros(valid.shape[0], 4, dtype=torch.float64, device=t_out.device)
-    for rows, lt, ls in log_prob_chunks(t_flat, s_flat, head):
+    for rows, lt, ls, _ in log_prob_chunks(t_flat, s_flat, head):
         yy = y[rows][:, None]
         stats = torch.stack([(lt.exp() * (lt - ls)).sum(-1), -lt.gather(-1, yy)[:, 0], -ls.gather(-1, yy)[:, 0],
                              (lt.argmax(-1) == ls.argmax(-1)).float()], dim=1)

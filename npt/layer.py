@@ -1,17 +1,24 @@
 """The NPT layer.
 
-A Llama-family decoder layer computes  out = h + a + MLP(Norm2(h + a)),  a = SelfAttn(Norm1(h)).
-The NPT layer drops the attention residual and lets `a` modulate the gate weights per token:
+A decoder layer computes, with m its residual multiplier (1 but for Granite) and each norm present
+or not according to its placement (architecture.py: pre-norm Llama, sandwich Gemma 2/3, post-norm
+OLMo 2/3):
+
+    a   = Post_a(SelfAttn(Norm_a(h)))                                  the attention branch
+    out = u + m Post_f(W_d(act(W_g Norm_f(u)) * W_u Norm_f(u))),  u = h + m a
+
+The NPT layer drops the attention residual (u = h) and lets `a` modulate the gate weights per token:
 
     z      = c_a A a                   A:   d_model -> r
     v_m[j] = c_m B_m[j] z,  v_f[j] = c_f B_f[j] z      j = 1..k
-    x      = Norm2(h)
+    x      = Norm_f(h)
     gate   = W_g x + s * sum_j v_f[j] (v_m[j] . x)      == (W_g + s sum_j v_f[j] v_m[j]^T) x
-    out    = h + W_d(act(gate) * W_u x)
+    out    = h + m Post_f(W_d(act(gate) * W_u x))
 
 (A, B_m, B_f trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
 d_ffn x d_model delta is never materialised: the dot-product form above is exact and costs
-O(k (d_model + d_ffn)) per token instead of O(d_model d_ffn).
+O(k (d_model + d_ffn)) per token instead of O(d_model d_ffn). A fused gate-up projection
+(Phi-3, GLM) runs as its one GEMM and the gate half is modulated as a view of its output.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
+
+from .architecture import Wiring
 
 
 class NPTAdapter(nn.Module):
@@ -142,9 +151,10 @@ class NPTDecoderLayer(nn.Module):
     the layer's own class `forward` runs (HF's exact computation, whatever its quirks).
     """
 
-    def __init__(self, layer: nn.Module, adapter: NPTAdapter, layer_idx: int):
+    def __init__(self, layer: nn.Module, adapter: NPTAdapter, layer_idx: int, wiring: Wiring):
         super().__init__()
         self.layer = layer
+        self.wiring = wiring
         self.adapter = adapter
         self.layer_idx = layer_idx
         self.npt_enabled = True
@@ -204,9 +214,25 @@ class NPTDecoderLayer(nn.Module):
         return self.npt_output(hidden_states, attn)
 
     def attention(self, hidden_states: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        """a = SelfAttn(Norm1(h)), with the same keyword arguments the decoder layer receives."""
-        out = self.layer.self_attn(hidden_states=self.layer.input_layernorm(hidden_states), **attn_kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        """a = Post_a(SelfAttn(Norm_a(h))), with the same keyword arguments the decoder layer receives."""
+        w, layer = self.wiring, self.layer
+        out = layer.self_attn(hidden_states=w.apply(layer, w.attn_norm, hidden_states), **attn_kwargs)
+        return w.apply(layer, w.attn_out_norm, out[0] if isinstance(out, tuple) else out)
+
+    def mlp_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """x = Norm_f(h): what the (modulated) MLP reads."""
+        return self.wiring.apply(self.layer, self.wiring.mlp_norm, hidden_states)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_g x and W_u x (a fused projection: one GEMM, split as views)."""
+        return self.wiring.gate_up(self.layer, x)
+
+    def teacher_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The teacher layer rebuilt from its parts: u + m Post_f(MLP(Norm_f(u))), u = h + m a, with
+        the MLP module's own forward (the conversion proof compares it with the layer's result)."""
+        w, m = self.wiring, self.wiring.residual_multiplier
+        u = hidden_states + m * attn
+        return u + m * w.apply(self.layer, w.mlp_out_norm, self.layer.mlp(w.apply(self.layer, w.mlp_norm, u)))
 
     def compile_student(self, **options) -> None:
         """Run `npt_output` compiled from now on (both phases use it). The module's own forward
@@ -222,21 +248,24 @@ class NPTDecoderLayer(nn.Module):
         """`npt_output`, eager. When h does not require grad (teacher forcing), the frozen projections
         W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
         autograd node that keeps one d_ffn-wide tensor for its backward."""
-        mlp = self.layer.mlp
-        x = self.layer.post_attention_layernorm(hidden_states)
-        gate = mlp.gate_proj(x)
-        up = mlp.up_proj(x)
+        w, mlp = self.wiring, self.layer.mlp
+        x = self.mlp_input(hidden_states)
+        gate, up = self.gate_up(x)
         delta, frob2 = self.adapter(x, attn)
         gate = gate + delta.to(gate.dtype)
+        act = w.activation(self.layer)
         if up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, or a trainable MLP
-            tail = mlp.down_proj(mlp.act_fn(gate) * up)
+            tail = mlp.down_proj(act(gate) * up)
         else:
-            tail = _GatedDown.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn)
+            tail = _GatedDown.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, act)
+        tail = w.apply(self.layer, w.mlp_out_norm, tail)
+        if w.residual_multiplier != 1.0:
+            tail = w.residual_multiplier * tail
         return hidden_states + tail, frob2
 
     def gate_weight_sq_norm(self) -> torch.Tensor:
         """||W_g||_F^2, the scale against which the regulariser is measured when it is normalised."""
-        return self.layer.mlp.gate_proj.weight.detach().float().pow(2).sum()
+        return self.wiring.gate_weight(self.layer).detach().float().pow(2).sum()
 
 
 class _SDPABackends:

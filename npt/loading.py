@@ -8,6 +8,7 @@ weight is read, so an unsupported model is refused in a second, not after a 20 G
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,11 +17,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.hf_argparser import HfArg
 
-from .architecture import check_layer_supported, decoder_layers
+from .architecture import decoder_layers, layer_wiring
 from .errors import NPTError
 from .gguf import PACKAGED, ensure_folder, is_gguf, packaged_file
 from .teachers import EMBEDDED_NAME, ZOO_PREFIX, ensure_named_teacher, zoo_recipe
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,7 +31,7 @@ class ModelArguments:
     model_name: str | None = HfArg(default=None, aliases=["--model_name_or_path"],
                                    help="Teacher: hub id or local folder of a Llama-family causal LM, a .gguf file (or a folder holding one), or zoo:<name> (a built-in teacher, or zoo:smollm2-135m). Default: the embedded teacher (built offline on first use).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = HfArg(default="auto", aliases=["--torch_dtype"], help="Dtype of the frozen base weights (auto: bfloat16 on CUDA when supported, float32 on CPU).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = HfArg(default="sdpa", help="HF attention implementation of the teacher.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = HfArg(default="auto", help="HF attention implementation of the teacher (auto: sdpa where the model has it, else eager, e.g. Gemma 2).")
 
     def __post_init__(self):
         if self.model_name and self.model_name.startswith(ZOO_PREFIX):
@@ -106,6 +108,23 @@ def load_config(name_or_path: str):
         raise NPTError(f"Cannot load model {name_or_path!r}: {str(e).splitlines()[0][:300]}", fix) from None
 
 
+def resolve_attn_implementation(config, requested: str, name: str) -> str:
+    """`auto`: sdpa where the model class has it, else eager (Gemma 2: its attention softcapping has
+    no SDPA kernel), said in the log. sdpa asked of a model without it is refused with the fix."""
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return "sdpa" if requested == "auto" else requested
+    has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
+    if requested == "auto":
+        if not has_sdpa:
+            logger.info(f"{cls.__name__} has no SDPA attention in transformers; the teacher runs eager attention.")
+        return "sdpa" if has_sdpa else "eager"
+    if requested == "sdpa" and not has_sdpa:
+        raise NPTError(f"{name}: {cls.__name__} has no SDPA attention in transformers.", "Pass --attn_implementation eager (or auto).")
+    return requested
+
+
 def check_architecture(config, name: str) -> None:
     """Instantiate the model on the meta device (no memory, no weights) and check its layers."""
     try:
@@ -118,20 +137,21 @@ def check_architecture(config, name: str) -> None:
         ) from None
     layers = decoder_layers(skeleton)
     for i, layer in enumerate(layers):
-        check_layer_supported(layer, i, f"{name} ({config.model_type})")
+        layer_wiring(layer, i, f"{name} ({config.model_type})")
 
 
 def load_model(
     name_or_path: str | None,
     dtype: str | torch.dtype = "auto",
     device: str = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ):
     """Load a supported teacher and its tokenizer, frozen and in eval mode."""
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path, torch_dtype)
     config = load_config(path)
     check_architecture(config, path)
+    attn_implementation = resolve_attn_implementation(config, attn_implementation, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)

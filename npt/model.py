@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.hf_argparser import HfArg
 
-from .architecture import check_layer_supported, decoder_layers, resolve_layers
+from .architecture import decoder_layers, layer_wiring, resolve_layers
 from .distributed import copy_full_into, full_tensor
 from .errors import NPTError
 from .gguf import recorded_source
@@ -74,10 +74,9 @@ class NPTModel(nn.Module):
         layer_list = decoder_layers(model)
         num_layers = len(layer_list)
         indices = resolve_layers(layers, num_layers)
-        for i in indices:
-            check_layer_supported(layer_list[i], i, getattr(hf_config, "model_type", "model"))
+        wirings = {i: layer_wiring(layer_list[i], i, getattr(hf_config, "model_type", "model")) for i in indices}
         d_model = hf_config.hidden_size
-        d_ffn = layer_list[indices[0]].mlp.gate_proj.out_features
+        d_ffn = wirings[indices[0]].d_ffn(layer_list[indices[0]])
         if not 1 <= rank <= d_model:
             raise NPTError(
                 f"Adapter rank {rank} is outside 1..hidden_size ({d_model}).", f"Pass --adapter_rank between 1 and {d_model}."
@@ -87,7 +86,8 @@ class NPTModel(nn.Module):
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
         wrapped = {
-            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale).to(device=base_param.device, dtype=torch.float32), i)
+            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale).to(device=base_param.device, dtype=torch.float32),
+                               i, wirings[i])
             for i in indices
         }
         try:
@@ -126,7 +126,7 @@ class NPTModel(nn.Module):
         base_model: nn.Module | None = None,
         dtype: str | torch.dtype | None = None,
         device: str = "cpu",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
     ) -> "NPTModel":
         """Rebuild an NPT model from saved adapters: a folder, or a hub repository id (fetched like
         any model, or read from the local HF cache when offline). Without `base_model`, the base

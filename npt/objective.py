@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .capture import LayerRecord, capture_teacher, run_student
 from .distributed import all_reduce_sum, world
-from .kl import real_tokens, softened_kl
+from .kl import LogitHead, real_tokens, softened_kl
 from .losses import LayerTensors, LossOutput, NPTLoss
 from .model import NPTModel
 
@@ -107,7 +107,7 @@ class EquivalenceObjective(nn.Module):
         kl = None
         if use_kl:
             _, temperature = self.loss.schedule(step)
-            head = self.npt.model.get_output_embeddings() if fused else None
+            head = LogitHead.of(self.npt.model) if fused else None
             kl = softened_kl(t_final, s_final, mask, temperature, head=head)
         return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl, free_running=free_running)
 
@@ -174,7 +174,7 @@ def calibrate_adapters(npt_model: NPTModel, input_ids: torch.Tensor, attention_m
     stats = {}
     for idx, layer in npt_model.npt_layers.items():
         rec = records[idx]
-        x = layer.layer.post_attention_layernorm(rec.inputs)
-        gate = layer.layer.mlp.gate_proj(x)
+        x = layer.mlp_input(rec.inputs)
+        gate, _ = layer.gate_up(x)
         stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(rec.attn, mask), real_tokens(gate, mask))
     return stats

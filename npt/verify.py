@@ -1,19 +1,20 @@
 """A conversion proves itself: on a few tokens, the NPT formula must reproduce the model it wraps.
 
-Attribute checks (`architecture.py`) cannot see how a layer wires its parts: Granite scales both
-residual branches (`residual_multiplier`) and divides its logits (`logits_scaling`), BitNet
-normalises inside the MLP (`ffn_sub_norm`), StableLM can run attention and MLP in parallel. Such
-layers have every part the NPT layer uses and would train, silently, towards something else. So
-every conversion runs the teacher once on a fixed random sequence and checks, per converted layer
-with input h, attention output a and output t (all recorded by hooks):
+Attribute checks (`architecture.py`) see which parts a layer has, not how its forward wires them:
+BitNet normalises inside the MLP (`ffn_sub_norm`), a layer may run attention and MLP in parallel,
+a model may transform its logits in a way the head path does not know. Such layers would train,
+silently, towards something else. So every conversion runs the teacher once on a fixed random
+sequence and checks, per converted layer with input h, attention branch a and output t (all
+recorded by hooks), in the layer's placement (m its residual multiplier):
 
-    attention      SelfAttn(Norm1(h)), as the NPT layer calls it           == a
-    teacher form   h + a + MLP(Norm2(h + a)), from the layer's parts        == t
-    NPT form       the fresh NPT layer (B_f = 0) on input h + a             == t
-                   (its delta is zero, so it computes h + a + W_d(act(W_g x) * W_u x), x = Norm2(h + a))
+    attention      Post_a(SelfAttn(Norm_a(h))), as the NPT layer calls it          == a
+    teacher form   u + m Post_f(MLP(Norm_f(u))), u = h + m a, from the layer's parts == t
+    NPT form       the fresh NPT layer (B_f = 0) on input u                          == t
+                   (its delta is zero and its MLP reads Norm_f(u) through the split gate and up)
 
-and, for the whole model, that the LM head applied to the final hidden state (the path of the
-chunked logit KL and the evaluation) gives the model's own logits. Differences are relative to the
+and, for the whole model, that the LM head applied to the final hidden state (with the model's
+logit divisor and softcap: the path of the chunked logit KL and the evaluation) gives the model's
+own logits. Differences are relative to the
 size of what is compared (the layer's update t - h, the logits) and must stay within the dtype's
 rounding; otherwise the conversion is refused with the layer and the difference named.
 """
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .capture import final_hidden, record_layers
+from .kl import LogitHead
 from .errors import UnsupportedArchitectureError
 
 # Relative difference allowed per base-weight dtype: the compared paths run the same operations,
@@ -53,7 +55,7 @@ def record_teacher(model: nn.Module, layers: dict[int, nn.Module]):
     ids = proof_inputs(model)
     with record_layers(layers, attention=True) as records:
         logits = model(input_ids=ids, use_cache=False).logits
-    head_logits = model.get_output_embeddings()(final_hidden(model, ids, None))
+    head_logits = LogitHead.of(model)(final_hidden(model, ids, None))
     return records, logits, head_logits
 
 
@@ -65,9 +67,9 @@ def prove_conversion(model: nn.Module, npt_layers: dict, recorded, model_name: s
     dtype = next(model.parameters()).dtype
     tol = TOLERANCE.get(dtype, 2e-2)
     fix = (
-        "This architecture wires its layers differently from a Llama layer (e.g. a residual multiplier, a norm inside "
-        "the MLP, parallel attention and MLP, scaled or capped logits), so an NPT layer would learn something else. "
-        "Use a Llama-family model (Llama, Mistral, Qwen2, Gemma, ...)."
+        "This architecture wires its layers in a way no known placement describes (e.g. a norm inside the MLP, "
+        "parallel attention and MLP, an unknown transform of the logits), so an NPT layer would learn something else. "
+        "Use a supported family (docs/architectures.md)."
     )
 
     allowed = f"(allowed for {str(dtype).removeprefix('torch.')}: {tol:g})"
@@ -78,12 +80,13 @@ def prove_conversion(model: nn.Module, npt_layers: dict, recorded, model_name: s
     for idx, npt_layer in npt_layers.items():
         rec = records[idx]
         h, a, t = rec.inputs, rec.attn, rec.outputs
-        layer = npt_layer.layer
+        w = npt_layer.wiring
+        m = "" if w.residual_multiplier == 1.0 else f"{w.residual_multiplier:g} "
+        u = h + w.residual_multiplier * a
         checks = (
-            ("its attention recomputed as SelfAttn(input_layernorm(h))", lambda: npt_layer.attention(h, **rec.attn_kwargs), a, a),
-            ("its output rebuilt as h + a + mlp(post_attention_layernorm(h + a))",
-             lambda: h + a + layer.mlp(layer.post_attention_layernorm(h + a)), t, t - h),
-            ("a fresh NPT layer on input h + a", lambda: npt_layer.npt_output(h + a, a)[0], t, t - h),
+            (f"its attention recomputed as {w.attention_formula()}", lambda: npt_layer.attention(h, **rec.attn_kwargs), a, a),
+            (f"its output rebuilt as {w.formula()} ({w.placement})", lambda: npt_layer.teacher_output(h, a), t, t - h),
+            (f"a fresh NPT layer on input h + {m}a", lambda: npt_layer.npt_output(u, a)[0], t, t - h),
         )
         for what, compute, ref, scale in checks:
             try:

@@ -346,7 +346,7 @@ def test_softened_kl_against_hand_computation():
 def test_chunked_kl_from_hidden_states_equals_the_full_logits_kl(chunk):
     """Value and gradient of the fused, chunked KL against `softened_kl` on full logits, with
     padding and a chunk size that does not divide the number of real tokens."""
-    from npt.kl import softened_kl
+    from npt.kl import LogitHead, softened_kl
 
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(6, 11, bias=True, dtype=torch.float64)
@@ -354,7 +354,7 @@ def test_chunked_kl_from_hidden_states_equals_the_full_logits_kl(chunk):
     h_s = torch.randn(2, 5, 6, dtype=torch.float64, generator=g).requires_grad_(True)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     for temp in (1.0, 2.5):
-        ours = softened_kl(h_t, h_s, mask, temp, head=head, chunk=chunk)
+        ours = softened_kl(h_t, h_s, mask, temp, head=LogitHead(head.weight, head.bias), chunk=chunk)
         ref = softened_kl(head(h_t).detach(), head(h_s), mask, temp).double()
         assert ours.item() == pytest.approx(ref.item(), rel=1e-6) and ours.item() > 0.01  # both in float32
         (g_ours,), (g_ref,) = torch.autograd.grad(2 * ours, h_s), torch.autograd.grad(2 * ref, h_s)

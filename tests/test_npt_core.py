@@ -125,7 +125,7 @@ def test_unsupported_architecture_is_refused_with_the_missing_part():
         NPTModel.convert(gpt2)
     moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
-    with pytest.raises(UnsupportedArchitectureError, match=r"mlp\.gate_proj"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"mixture-of-experts MLP \(mlp\.experts\)"):
         NPTModel.convert(moe)
 
 
