@@ -28,17 +28,20 @@ from .errors import NPTError, UnsupportedArchitectureError
 # present norms -> (name, Norm_a, Post_a, Norm_f, Post_f). HF names the norm on the attention
 # output of sandwich and post-norm layers "post_attention_layernorm", the same name as Llama's
 # norm before the MLP: the placement, not the name, says what a norm does.
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+         "post_self_attn_layernorm", "post_mlp_layernorm")
 PLACEMENTS = {
     frozenset({"input_layernorm", "post_attention_layernorm"}):
         ("pre-norm", "input_layernorm", None, "post_attention_layernorm", None),  # Llama, Mistral, Qwen, Gemma 1, Phi-3, GLM, Granite
-    frozenset(NORMS):
+    frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}):
         ("sandwich", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),  # Gemma 2/3
+    frozenset({"input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"}):
+        ("sandwich", "input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),  # GLM-4
     frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}):
         ("post-norm", None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2/3
 }
 SUPPORTED = ("Use a dense decoder of the Llama family or of a known placement: Llama, Mistral, Qwen2/3, Gemma 1/2/3, "
-             "OLMo 2/3, Phi-3/4, GLM, Granite (see docs/architectures.md).")
+             "OLMo 2/3, Phi-3/4, GLM/GLM-4, Granite (see docs/architectures.md).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +149,15 @@ def layer_wiring(layer: nn.Module, idx: int = 0, model_name: str = "model") -> W
         raise refuse(f"lacks {', '.join(missing)}; the NPT layer needs self attention and a gated MLP "
                      "(mlp.gate_proj/up_proj or a fused mlp.gate_up_proj, mlp.down_proj, an activation)")
     present = frozenset(n for n in NORMS if _has(layer, n))
+    unknown = [n for n, child in layer.named_children() if "norm" in n.lower() and n not in NORMS and child is not None]
+    if unknown:
+        raise refuse(f"has the norm(s) {', '.join(unknown)}, which no known placement uses")
     if present not in PLACEMENTS:
         lacking = [n for n in ("input_layernorm", "post_attention_layernorm") if n not in present]
         detail = f"lacks {', '.join(lacking)}" if lacking and present <= {"input_layernorm", "post_attention_layernorm"} else \
             f"has the norms {', '.join(n for n in NORMS if n in present) or '(none)'}"
         raise refuse(f"{detail}, which is no known placement (pre-norm: input_layernorm, post_attention_layernorm; "
-                     "sandwich: the four of Gemma 2/3; post-norm: post_attention_layernorm, post_feedforward_layernorm)")
+                     "sandwich: the four of Gemma 2/3 or of GLM-4; post-norm: post_attention_layernorm, post_feedforward_layernorm)")
     name, attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = PLACEMENTS[present]
     multiplier = getattr(layer, "residual_multiplier", 1.0)
     if not isinstance(multiplier, (int, float)):

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
 from .corpus import cache_root, file_lock, fingerprint, load_corpus
 from .data import Packer, is_heldout
@@ -57,26 +58,31 @@ class TeacherRecipe:
     weight_decay: float = 0.1
     eval_fraction: float = 0.02
     seed: int = 1234
-    architecture: str = "llama"  # llama, mistral or qwen2 (q/k/v biases)
+    architecture: str = "llama"  # llama, mistral, qwen2 (q/k/v biases), gemma3 (sandwich norms), olmo2 (post-norms)
     num_kv_heads: int | None = None  # grouped-query attention; None: one per head
     corpus: str = "docstrings"
     tie_embeddings: bool = True
+    sliding_window: int | None = None  # gemma3: every layer but each sixth attends this far back only
 
     def fingerprint(self, corpus_hash: str) -> str:
         fields = dataclasses.asdict(self)
         # fields added after the first release enter the key only when they differ from their
         # defaults, so a cached embedded teacher stays valid
-        for f in ("architecture", "num_kv_heads", "corpus", "tie_embeddings"):
+        for f in ("architecture", "num_kv_heads", "corpus", "tie_embeddings", "sliding_window"):
             if fields[f] == TeacherRecipe.__dataclass_fields__[f].default:
                 del fields[f]
         blob = json.dumps(fields, sort_keys=True) + corpus_hash + "v1"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def model_config(self, tokenizer):
-        classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+        classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig, "olmo2": Olmo2Config}
         if self.architecture not in classes:
             raise NPTError(f"Teacher architecture {self.architecture!r} is not one of {sorted(classes)}.", "Fix the recipe.")
-        extra = {"sliding_window": None} if self.architecture != "llama" else {}
+        extra = {"sliding_window": None} if self.architecture in ("mistral", "qwen2") else {}
+        if self.architecture == "gemma3":
+            head_dim = self.hidden_size // self.num_heads
+            extra = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": self.sliding_window or self.seq_len,
+                     "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_layers)]}
         return classes[self.architecture](
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
@@ -110,6 +116,14 @@ ZOO: dict[str, TeacherRecipe] = {
     # GQA 3:1, a large vocabulary for its width, code
     "llama-gqa-code": TeacherRecipe(architecture="llama", hidden_size=192, intermediate_size=512, num_layers=6, num_heads=6,
                                     num_kv_heads=2, vocab_size=8192, corpus="code", batch_size=16, steps=700, learning_rate=4e-3),
+    # Gemma-3-style: sandwich norms ((1 + w) RMSNorm before and after attention and MLP), GeLU-tanh
+    # gate, scaled embeddings, q/k norms, five sliding-window layers (32 tokens back) per full one
+    "gemma3-sandwich": TeacherRecipe(architecture="gemma3", hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4,
+                                     num_kv_heads=2, vocab_size=2048, sliding_window=32, corpus="mixed", steps=800),
+    # OLMo-2-style: norms after attention and after the MLP only (the MLP reads the raw residual),
+    # q/k norms, untied head, code
+    "olmo2-postnorm": TeacherRecipe(architecture="olmo2", hidden_size=128, intermediate_size=384, num_layers=5, num_heads=4,
+                                    vocab_size=3072, tie_embeddings=False, corpus="code", steps=800),
 }
 
 
@@ -215,7 +229,7 @@ def ensure_teacher(recipe: TeacherRecipe = DEFAULT_RECIPE, cache_dir: str | os.P
     path = root / f"teacher-{recipe.fingerprint(fingerprint(docs))}"
     if (path / "build_info.json").is_file():
         return path
-    with file_lock(root / ".teacher.lock"):
+    with file_lock(path.with_name(path.name + ".lock")):  # per teacher: different teachers build in parallel processes
         if not (path / "build_info.json").is_file():
             if progress:
                 logger.info(f"Building the teacher {name} in {path} (once; a few minutes on CPU) ...")

@@ -25,7 +25,15 @@ def _config(name: str):
         "stablelm, parallel residual": lambda: tf.StableLmConfig(**BASE, use_parallel_residual=True),
         "stablelm": lambda: tf.StableLmConfig(**BASE, use_parallel_residual=False),
         "gemma": lambda: tf.GemmaConfig(**BASE, head_dim=8),
+        **{name: (lambda cls=cls: getattr(tf, cls)(**BASE)) for name, cls in PLAIN.items()},
     }[name]()
+
+
+# families built from BASE alone
+PLAIN = {"qwen3": "Qwen3Config", "smollm3": "SmolLM3Config", "olmo": "OlmoConfig", "exaone": "ExaoneConfig",
+         "internlm3": "InternLM3Config", "ernie4_5": "Ernie4_5Config", "cohere": "CohereConfig", "llama4_text": "Llama4TextConfig",
+         "nemotron": "NemotronConfig", "apertus": "ApertusConfig", "arcee": "ArceeConfig", "starcoder2": "Starcoder2Config",
+         "falcon_h1": "FalconH1Config"}
 
 
 # what each architecture does with the NPT formula, and where the refusal must point (the other
@@ -35,6 +43,11 @@ ARCHITECTURES = {
     "stablelm, parallel residual": r"lacks post_attention_layernorm",
     "stablelm": None,  # LayerNorm instead of RMSNorm, otherwise a Llama layer: converts exactly
     "gemma": None,  # (1 + w) RMSNorm, GeLU, scaled embeddings: all inside modules the NPT layer calls
+    **dict.fromkeys(["qwen3", "smollm3", "olmo", "exaone", "internlm3", "ernie4_5"]),  # Llama's placement
+    "cohere": r"lacks post_attention_layernorm, which is no known placement",  # parallel attention and MLP
+    "llama4_text": r"lacks mlp, mlp\.down_proj",  # feed_forward, mostly experts
+    "falcon_h1": r"lacks mlp, mlp\.down_proj",
+    **dict.fromkeys(["nemotron", "apertus", "arcee", "starcoder2"], r"lacks .*mlp\.gate_proj"),  # MLPs without a gate
 }
 
 

@@ -31,15 +31,20 @@ def _config(name: str):
         "gemma3": lambda: tf.Gemma3TextConfig(**BASE | {"num_hidden_layers": 3}, head_dim=8, sliding_window=4,
                                               layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
         "olmo2": lambda: tf.Olmo2Config(**BASE),
+        "exaone4": lambda: tf.Exaone4Config(**BASE),
+        "olmo3": lambda: tf.Olmo3Config(**BASE),
+        "phi4-mini": lambda: tf.Phi3Config(**BASE, partial_rotary_factor=0.75),
         "phi3": lambda: tf.Phi3Config(**BASE),
         "glm": lambda: tf.GlmConfig(**BASE, head_dim=8),
+        "glm4": lambda: tf.Glm4Config(**BASE, head_dim=8),
         "granite": lambda: tf.GraniteConfig(**BASE, residual_multiplier=0.22, logits_scaling=8.0, embedding_multiplier=12.0),
     }[name]()
 
 
 # the placement each family must be read as, and whether its gate and up are one fused projection
-FAMILIES = {"gemma2": ("sandwich", False), "gemma3": ("sandwich", False), "olmo2": ("post-norm", False),
-            "phi3": ("pre-norm", True), "glm": ("pre-norm", True), "granite": ("pre-norm", False)}
+FAMILIES = {"gemma2": ("sandwich", False), "gemma3": ("sandwich", False), "olmo2": ("post-norm", False), "exaone4": ("post-norm", False), "olmo3": ("post-norm", False),
+            "phi4-mini": ("pre-norm", True),
+            "phi3": ("pre-norm", True), "glm": ("pre-norm", True), "glm4": ("sandwich", True), "granite": ("pre-norm", False)}
 
 
 def _model(name: str, seed: int = 0):
@@ -67,10 +72,14 @@ def _hand_npt_layer(name: str, layer, adapter, h: torch.Tensor, a: torch.Tensor,
     if name in ("gemma2", "gemma3"):  # sandwich: the MLP reads pre_feedforward_layernorm(h), its output is normed too
         x = layer.pre_feedforward_layernorm(h)
         return h + layer.post_feedforward_layernorm(gated(x, mlp.gate_proj(x), mlp.up_proj(x), mlp.act_fn))
-    if name == "olmo2":  # post-norm: the MLP reads h itself
+    if name == "glm4":  # sandwich under GLM-4's names, fused gate-up
+        x = layer.post_attention_layernorm(h)
+        f = mlp.gate_up_proj.out_features // 2
+        return h + layer.post_mlp_layernorm(gated(x, x @ mlp.gate_up_proj.weight[:f].T, x @ mlp.gate_up_proj.weight[f:].T, mlp.activation_fn))
+    if name in ("olmo2", "olmo3", "exaone4"):  # post-norm: the MLP reads h itself
         return h + layer.post_feedforward_layernorm(gated(h, mlp.gate_proj(h), mlp.up_proj(h), mlp.act_fn))
     x = layer.post_attention_layernorm(h)
-    if name in ("phi3", "glm"):  # fused: the first half of gate_up_proj's rows is the gate
+    if name in ("phi3", "phi4-mini", "glm"):  # fused: the first half of gate_up_proj's rows is the gate
         f = mlp.gate_up_proj.out_features // 2
         w = mlp.gate_up_proj.weight
         return h + gated(x, x @ w[:f].T, x @ w[f:].T, mlp.activation_fn)
@@ -78,9 +87,11 @@ def _hand_npt_layer(name: str, layer, adapter, h: torch.Tensor, a: torch.Tensor,
 
 
 def _hand_attention(name: str, layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    if name == "olmo2":
+    if name in ("olmo2", "olmo3", "exaone4"):
         return layer.post_attention_layernorm(layer.self_attn(hidden_states=h, **kwargs)[0])
     a = layer.self_attn(hidden_states=layer.input_layernorm(h), **kwargs)[0]
+    if name == "glm4":
+        return layer.post_self_attn_layernorm(a)
     return layer.post_attention_layernorm(a) if name.startswith("gemma") else a
 
 
@@ -188,6 +199,7 @@ def test_the_chunked_kl_through_a_capped_and_scaled_head_equals_the_full_logits_
 REFUSED = {
     "qwen3_moe": r"mixture-of-experts MLP \(mlp\.experts\)",
     "mixtral": r"mixture-of-experts MLP",
+    "gpt_oss": r"mixture-of-experts MLP",
 }
 
 
@@ -197,6 +209,7 @@ def test_what_fits_no_placement_is_refused_in_one_line_and_left_whole(name):
     from transformers import AutoModelForCausalLM
 
     config = {"qwen3_moe": lambda: tf.Qwen3MoeConfig(**BASE), "mixtral": lambda: tf.MixtralConfig(**BASE),
+              "gpt_oss": lambda: tf.GptOssConfig(**BASE),
               }[name]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()

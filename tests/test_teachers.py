@@ -62,10 +62,23 @@ def test_a_zoo_shaped_teacher_builds_with_its_architecture_and_corpus(tmp_path):
     assert json.loads((path / "build_info.json").read_text())["corpus_sha256"] == fingerprint(load_corpus("code", tmp_path))
 
 
+@pytest.mark.parametrize("architecture, placement", [("gemma3", "sandwich"), ("olmo2", "post-norm")])
+def test_teachers_of_the_other_placements_build_load_and_convert(tmp_path, architecture, placement):
+    from npt.model import NPTModel
+
+    recipe = dataclasses.replace(MICRO, architecture=architecture, num_layers=6, sliding_window=8 if architecture == "gemma3" else None)
+    path = ensure_teacher(recipe, tmp_path, progress=False)
+    model, _ = load_model(str(path), "float32", "cpu")
+    if architecture == "gemma3":  # five sliding-window layers per full one, the window shorter than a block
+        assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"] and model.config.sliding_window == 8
+    npt = NPTModel.convert(model, "all", rank=4)
+    assert {layer.wiring.placement for layer in npt.npt_layers.values()} == {placement}
+
+
 def test_the_zoo_spans_what_matters_for_npt():
     recipes = [DEFAULT_RECIPE, *ZOO.values()]
     assert len(ZOO) >= 4
-    assert {r.architecture for r in recipes} == {"llama", "mistral", "qwen2"}
+    assert {r.architecture for r in recipes} == {"llama", "mistral", "qwen2", "gemma3", "olmo2"}
     assert min(r.num_layers for r in recipes) == 2 and max(r.num_layers for r in recipes) == 12
     assert min(r.hidden_size for r in recipes) == 64 and max(r.hidden_size for r in recipes) == 384
     assert len({r.num_heads // (r.num_kv_heads or r.num_heads) for r in recipes}) >= 3  # GQA ratios
