@@ -153,9 +153,11 @@ def layer_wiring(layer: nn.Module, idx: int = 0, model_name: str = "model") -> W
     if unknown:
         raise refuse(f"has the norm(s) {', '.join(unknown)}, which no known placement uses")
     if present not in PLACEMENTS:
-        lacking = [n for n in ("input_layernorm", "post_attention_layernorm") if n not in present]
-        detail = f"lacks {', '.join(lacking)}" if lacking and present <= {"input_layernorm", "post_attention_layernorm"} else \
-            f"has the norms {', '.join(n for n in NORMS if n in present) or '(none)'}"
+        pre_norm = {"input_layernorm", "post_attention_layernorm"}
+        if present < pre_norm:  # one norm feeding attention and MLP side by side (parallel residual)
+            detail = f"lacks {', '.join(sorted(pre_norm - present))}"
+        else:
+            detail = f"has the norms {', '.join(n for n in NORMS if n in present) or '(none)'}"
         raise refuse(f"{detail}, which is no known placement (pre-norm: input_layernorm, post_attention_layernorm; "
                      "sandwich: the four of Gemma 2/3 or of GLM-4; post-norm: post_attention_layernorm, post_feedforward_layernorm)")
     name, attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = PLACEMENTS[present]
