@@ -82,20 +82,21 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "logit KL without free-running": (["--free_running_steps", "0", "--logit_kl_weight", "1"], "acts only in free-running steps"),
         "empty data file": (["--data_files", str(empty)], "are empty (0 bytes)"),
         "data file without rows": (["--data_files", str(blank)], "Check that the files hold rows of text"),
-        "layers wired differently (granite)": (["--model_name", str(_granite(tmp, teacher))], "decoder layer 0: its output rebuilt"),
+        "layers wired differently (bitnet)": (["--model_name", str(_bitnet(tmp, teacher))], "decoder layer 0: a fresh NPT layer on input h + a differs"),
     }
 
 
-def _granite(tmp: Path, teacher: Path) -> Path:
-    """A Granite model (a residual multiplier in every layer) saved with the teacher's tokenizer."""
+def _bitnet(tmp: Path, teacher: Path) -> Path:
+    """A BitNet model (a norm inside the MLP: every part the NPT layer uses, wired otherwise) saved
+    with the teacher's tokenizer."""
     import shutil
 
-    from transformers import GraniteConfig, GraniteForCausalLM
+    from transformers import BitNetConfig, BitNetForCausalLM
 
-    path = tmp / "granite"
+    path = tmp / "bitnet"
     torch.manual_seed(0)
-    GraniteForCausalLM(GraniteConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=256, residual_multiplier=0.22)).save_pretrained(path)
+    BitNetForCausalLM(BitNetConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(path)
     for f in teacher.glob("tokenizer*"):
         shutil.copy(f, path / f.name)
     return path
@@ -105,7 +106,7 @@ CASES = ["unknown loss type", "negative loss weight", "all-zero loss weights", "
          "unsupported architecture", "adapter rank 0", "adapter rank > hidden", "missing layer", "dataset path missing",
          "no text column", "corpus below one block", "max_length beyond positions", "batch size 0", "bad warmup",
          "cuda without a gpu", "missing config file", "logit KL without free-running", "empty data file", "data file without rows",
-         "layers wired differently (granite)"]
+         "layers wired differently (bitnet)"]
 
 
 @pytest.mark.parametrize("case", CASES)
