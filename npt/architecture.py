@@ -167,6 +167,11 @@ def layer_wiring(layer: nn.Module, idx: int = 0, model_name: str = "model") -> W
     return Wiring(name, attn_norm, attn_out_norm, mlp_norm, mlp_out_norm, fused, act, float(multiplier))
 
 
+def gate_weight(layer: nn.Module, idx: int = 0) -> torch.Tensor:
+    """W_g of an HF decoder layer (a view of the gate rows of a fused projection)."""
+    return layer_wiring(layer, idx).gate_weight(layer)
+
+
 def attention_output_module(layer: nn.Module) -> nn.Module:
     """The module whose output is the attention branch, for an HF decoder layer or an NPT layer."""
     wiring = getattr(layer, "wiring", None)

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.hf_argparser import HfArg
 
-from .architecture import decoder_layers, layer_wiring, resolve_layers
+from .architecture import decoder_layers, gate_weight, resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, heldout_blocks, open_source
 from .errors import NPTError
@@ -202,7 +202,7 @@ def run_inject(adapter: str, args: InjectArguments, data: DataArguments, load_ar
     report = {
         "adapter": adapter, "output_dir": str(out), "context_tokens": context.shape[1], "layers": layers, "positions": positions,
         "alpha": args.alpha, "delta_frobenius": {str(i): d.norm().item() for i, d in deltas.items()},
-        "gate_frobenius": {str(i): layer_wiring(decoder_layers(model)[i], i).gate_weight(decoder_layers(model)[i]).float().norm().item() for i in layers},
+        "gate_frobenius": {str(i): gate_weight(decoder_layers(model)[i], i).float().norm().item() for i in layers},
         "before": before, "after": after,
     }
     (out / "injection.json").write_text(json.dumps(report, indent=2) + "\n")

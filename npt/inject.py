@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .architecture import decoder_layers, layer_wiring
+from .architecture import decoder_layers, gate_weight
 from .capture import record_layers
 from .errors import NPTError
 from .model import NPTModel
@@ -65,5 +65,5 @@ def add_to_gates(model, deltas: dict[int, torch.Tensor], alpha: float) -> None:
     """W_g of layer i += alpha * delta_i, in the weights' own dtype."""
     layers = decoder_layers(model)
     for i, delta in deltas.items():
-        weight = layer_wiring(layers[i], i).gate_weight(layers[i])  # a view of the gate rows of a fused projection
+        weight = gate_weight(layers[i], i)  # in place: a fused projection's gate rows are a view
         weight.add_((alpha * delta).to(weight.dtype))
