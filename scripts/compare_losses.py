@@ -44,9 +44,10 @@ VARIANTS: dict[str, list[str]] = {
     "guide's setting: k=1, teacher forcing only": ["--num_ranks", "1", "--free_running_steps", "0", "--logit_kl_weight", "0"],
     "teacher forcing only": ["--free_running_steps", "0", "--logit_kl_weight", "0"],
     "free-running without logit KL": ["--logit_kl_weight", "0", "--free_running_layer_weight", "1"],
-    "free-running with the per-layer terms too (the previous default)": ["--free_running_layer_weight", "1"],
+    "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
+    "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
-    "k=4 (the previous default)": ["--num_ranks", "4"],
+    "k=4": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],
 }
 QUICK = ["mse (baseline loss)", "improved_npt (default)", "improved_npt + adaptive weights", "focal_mse", "smooth_l1_mse",

@@ -64,7 +64,7 @@ def test_a_run_speaks_before_during_and_after_training(tmp_path, trained_teacher
     stdout = capsys.readouterr().out
     for field in ("[npt] output ", f"tensorboard --logdir {out / 'tensorboard'}", "[npt] model ", "[npt] data ", "[npt] device      cpu, 1 process",
                   "[npt] batch       4 blocks x 1 accumulation x 1 = 4 blocks = 128 tokens per step; 8 steps",
-                  "teacher forcing until step 3, then free-running", "[npt] parameters "):
+                  "teacher forcing until step 2, then free-running", "[npt] parameters "):
         assert field in stdout, field
     assert [line.split("|")[0].strip() for line in stdout.splitlines() if line.startswith("[npt] step ") and "| loss" in line] == \
         [f"[npt] step {s}/8" for s in (2, 4, 6, 8)]

@@ -71,8 +71,8 @@ def test_default_recipe_switches_to_free_running_and_lowers_the_kl(tmp_path, tra
     assert main(base_args(trained_teacher_dir, out, "--max_steps", "40", "--logging_steps", "2", "--eval_steps", "0")) == 0
     scalars = read_scalars(out)
     free = scalars["training/free_running"]
-    assert [s for s, v in sorted(free.items()) if v == 1.0][0] == 18  # the last 60% of 40 steps: steps 17..40 (logged from 18)
-    assert all(v == 0.0 for s, v in free.items() if s <= 16)
+    assert [s for s, v in sorted(free.items()) if v == 1.0][0] == 10  # the last 80% of 40 steps: steps 9..40 (logged from 10)
+    assert all(v == 0.0 for s, v in free.items() if s <= 8)
     assert set(scalars["loss/logit_kl"]) == {s for s, v in free.items() if v == 1.0}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["kl"] < summary["eval_before"]["kl"] and summary["eval"]["student_ppl"] < summary["eval_before"]["student_ppl"]
@@ -169,14 +169,16 @@ def test_script_entry_point_and_recipe_run_in_a_subprocess(tmp_path, trained_tea
 
 def test_embedded_default_run_reduces_heldout_error_per_layer(tmp_path):
     """The README's main command with its defaults (a shorter run): builds the embedded teacher
-    if the cache has none (on a clean machine, ~3 minutes), trains, and every layer's held-out
-    error falls."""
+    if the cache has none (on a clean machine, ~3 minutes), trains, and the held-out KL and the
+    mean per-layer error fall. (Not every layer's error: 120 of the 150 steps run freely on the
+    logit KL alone, which does not ask any one layer to match its teacher; measured, layer 0's
+    error falls by only 0.011 here.)"""
     out = tmp_path / "default"
     assert main(["--output_dir", str(out), "--max_steps", "150", "--eval_steps", "0", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval"]
-    assert all(a < b for a, b in zip(after["rel_error"], before["rel_error"])), (before["rel_error"], after["rel_error"])
-    assert after["kl"] < before["kl"] and after["student_ppl"] < before["student_ppl"]
+    assert after["rel_error_mean"] < before["rel_error_mean"] - 0.01, (before["rel_error"], after["rel_error"])
+    assert after["kl"] < 0.5 * before["kl"] and after["student_ppl"] < before["student_ppl"]
     assert 20 < after["teacher_ppl"] < 60  # a trained teacher, not a random one
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "npt-embedded-default"
