@@ -210,7 +210,8 @@ def setup(cfg: Config) -> Run:
         prepared = accelerator.prepare(objective)
     optimizer = accelerator.prepare(build_optimizer(cfg.optim, list(npt.adapter_parameters()), loss))
     run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files),
-              policy=DivergencePolicy(patience=cfg.run.divergence_patience))
+              policy=DivergencePolicy(patience=cfg.run.divergence_patience),
+              monitor=ConvergenceMonitor(free_running_layers_trained=cfg.loss.free_running_layer_weight > 0))
     if saved is not None:
         apply_state(run, saved)
         run.last_good = collect_state(run, with_data=False)

@@ -113,3 +113,25 @@ def test_the_switch_to_free_running_is_not_an_explosion_and_phases_are_summarise
     copy = ConvergenceMonitor()
     copy.load_state_dict(mon.state_dict())
     assert copy.healthy_summary() == summary
+
+
+def test_untrained_per_layer_terms_of_a_free_running_phase_are_not_judged():
+    """With --free_running_layer_weight 0 the free-running phase trains on the logit KL alone: its
+    per-layer curves drift (the zoo's healthy runs: cosine up 1-2%), which must not fire the guide's
+    signs; a non-finite loss/mse still does. With the terms trained, the same curves do fire."""
+    rows = healthy(70)
+    for k, row in enumerate(rows):
+        row["training/free_running"] = 1.0 if k >= 30 else 0.0
+        if k >= 30:
+            row["loss/cosine"] = 0.3 + 0.001 * k  # rising while loss/mse falls
+            row["loss/mse"] = 2.0 - 0.01 * k
+    trained = ConvergenceMonitor(free_running_layers_trained=True)
+    assert [s.key for k, row in enumerate(rows) for s in trained.update(k, row)] == ["cosine_not_decreasing"]
+    untrained = ConvergenceMonitor(free_running_layers_trained=False)
+    assert [s.key for k, row in enumerate(rows) for s in untrained.update(k, row)] == []
+    summary = untrained.healthy_summary()
+    assert any(line.startswith("ok") and line.endswith("[teacher-forced]") for line in summary)
+    assert [line for line in summary if line.endswith("[free-running]")] == [
+        "--  per-layer terms logged but not trained (--free_running_layer_weight 0): the held-out KL judges this phase [free-running]"]
+    nan = dict(rows[-1], **{"loss/mse": float("nan")})
+    assert [s.key for s in untrained.update(70, nan)] == ["mse_exploding"]
