@@ -88,6 +88,10 @@ class Config:
 
     @property
     def free_running(self) -> int:
+        if str(self.loss.free_running_steps).strip() == "auto":
+            # teacher forcing outlasts the curriculum (the guide's loss acts there) by as long again;
+            # more teacher forcing than that made every teacher measured worse (docs/loss.md)
+            return self.optim.max_steps - min(2 * self.curriculum, self.optim.max_steps // 2)
         return resolve_steps(self.loss.free_running_steps, self.optim.max_steps, "free_running_steps")
 
     @property

@@ -56,7 +56,7 @@ class LossConfig:
     curriculum_steps: str | None = HfArg(default=None, help="Curriculum length: a count, or a fraction of max_steps. Default: the warm-up.")
     focal_gamma: float = HfArg(default=2.0, help="Focusing exponent of focal_mse.")
     smooth_beta: float = HfArg(default=1.0, help="Beta of the smooth L1 term of smooth_l1_mse.")
-    free_running_steps: str = HfArg(default="0.8", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below.")
+    free_running_steps: str = HfArg(default="auto", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below. auto: teacher forcing for twice the curriculum (the warm-up unless set), at most half the run; 20%% of the steps with the defaults.")
     logit_kl_weight: float = HfArg(default=1.0, help="Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.")
     free_running_layer_weight: float = HfArg(default=0.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1); 0: the free-running phase trains on the logit KL alone. Running freely, layer i's error adds up those of every layer below.")
 

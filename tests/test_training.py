@@ -151,8 +151,11 @@ def test_config_file_sets_defaults_and_flags_override():
     assert (std.loss.distill_temperature, dif.loss.distill_temperature, fast.loss.distill_temperature) == (3.0, 5.0, 2.0)
     assert dif.optim.learning_rate == pytest.approx(0.5 * std.optim.learning_rate) and fast.optim.learning_rate == pytest.approx(1.5 * std.optim.learning_rate)
     assert fast.loss.use_gradient_penalty is False and dif.loss.use_adaptive_weights and dif.loss.use_gradient_penalty
-    # teacher forcing outlasts each recipe's curriculum (the warm-up)
-    assert (std.free_running_from, dif.free_running_from, fast.free_running_from) == (round(0.2 * steps), round(0.4 * steps), round(0.2 * steps))
+    # --free_running_steps auto: teacher forcing for twice each recipe's curriculum (its warm-up), at most half the run
+    assert (std.free_running_from, dif.free_running_from, fast.free_running_from) == (round(0.2 * steps), round(0.4 * steps), round(0.1 * steps))
+    assert parse_args(["--max_steps", "30", "--warmup_steps", "10"]).free_running_from == 15  # 2 x 10 capped at half of 30
+    assert parse_args(["--max_steps", "30", "--warmup_steps", "10", "--curriculum_steps", "4"]).free_running_from == 8
+    assert parse_args(["--max_steps", "30", "--free_running_steps", "0.6"]).free_running_from == 12  # an explicit split stands
 
 
 def test_script_entry_point_and_recipe_run_in_a_subprocess(tmp_path, trained_teacher_dir):
