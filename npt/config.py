@@ -90,8 +90,13 @@ class Config:
     def free_running(self) -> int:
         if str(self.loss.free_running_steps).strip() == "auto":
             # teacher forcing outlasts the curriculum (the guide's loss acts there) by as long again;
-            # more teacher forcing than that made every teacher measured worse (docs/loss.md)
-            return self.optim.max_steps - min(2 * self.curriculum, self.optim.max_steps // 2)
+            # more teacher forcing than that made every teacher measured worse (docs/loss.md). A
+            # fraction is doubled before rounding, so a 4-step run with a 10% warm-up still gets one
+            # teacher-forced step (rounded separately: 2 x 0)
+            spec = str(self.loss.curriculum_steps if self.loss.curriculum_steps not in (None, "") else self.optim.warmup_steps).strip()
+            fraction = "." in spec or "e" in spec.lower()
+            forced = round(2 * float(spec) * self.optim.max_steps) if fraction else 2 * self.curriculum
+            return self.optim.max_steps - min(forced, self.optim.max_steps // 2)
         return resolve_steps(self.loss.free_running_steps, self.optim.max_steps, "free_running_steps")
 
     @property

@@ -156,6 +156,7 @@ def test_config_file_sets_defaults_and_flags_override():
     assert parse_args(["--max_steps", "30", "--warmup_steps", "10"]).free_running_from == 15  # 2 x 10 capped at half of 30
     assert parse_args(["--max_steps", "30", "--warmup_steps", "10", "--curriculum_steps", "4"]).free_running_from == 8
     assert parse_args(["--max_steps", "30", "--free_running_steps", "0.6"]).free_running_from == 12  # an explicit split stands
+    assert parse_args(["--max_steps", "4"]).free_running_from == 1  # 2 x 10% of 4 steps, not 2 x round(0.4)
 
 
 def test_script_entry_point_and_recipe_run_in_a_subprocess(tmp_path, trained_teacher_dir):
