@@ -83,19 +83,22 @@ class Config:
 
     @property
     def curriculum(self) -> int:
+        value, flag = self._curriculum_spec
+        return resolve_steps(value, self.optim.max_steps, flag)
+
+    @property
+    def _curriculum_spec(self) -> tuple[str, str]:
+        """(value, flag) that sets the curriculum's length: its own flag, or the warm-up's."""
         value = self.loss.curriculum_steps
-        return self.warmup if value in (None, "") else resolve_steps(value, self.optim.max_steps, "curriculum_steps")
+        return (self.optim.warmup_steps, "warmup_steps") if value in (None, "") else (value, "curriculum_steps")
 
     @property
     def free_running(self) -> int:
         if str(self.loss.free_running_steps).strip() == "auto":
             # teacher forcing outlasts the curriculum (the guide's loss acts there) by as long again;
-            # more teacher forcing than that made every teacher measured worse (docs/loss.md). A
-            # fraction is doubled before rounding, so a 4-step run with a 10% warm-up still gets one
-            # teacher-forced step (rounded separately: 2 x 0)
-            spec = str(self.loss.curriculum_steps if self.loss.curriculum_steps not in (None, "") else self.optim.warmup_steps).strip()
-            fraction = "." in spec or "e" in spec.lower()
-            forced = round(2 * float(spec) * self.optim.max_steps) if fraction else 2 * self.curriculum
+            # more teacher forcing than that made every teacher measured worse (docs/loss.md)
+            value, flag = self._curriculum_spec
+            forced = resolve_steps(value, self.optim.max_steps, flag, times=2)
             return self.optim.max_steps - min(forced, self.optim.max_steps // 2)
         return resolve_steps(self.loss.free_running_steps, self.optim.max_steps, "free_running_steps")
 

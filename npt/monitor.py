@@ -116,13 +116,11 @@ class ConvergenceMonitor:
             mse_drop = -_slope(mse) * (w - 1) / (abs(_mean(mse)) or 1.0)
             if _slope(cos) >= 0 and mse_drop > 0.05 and _mean(cos) > 0.01:
                 signs.append(Sign("cosine_not_decreasing", step, f"loss/cosine is flat or rising ({cos[0]:.4f} -> {cos[-1]:.4f}) while loss/mse falls"))
+        not_finite = self._check_finite(step)
+        signs += not_finite
         all_mse = self._series("loss/mse")
-        if all_mse:
-            last = all_mse[-1]
-            if not math.isfinite(last):
-                signs.append(Sign("mse_exploding", step, f"loss/mse is {last}"))
-            elif len(all_mse) >= 5 and last > 10 * min(all_mse):
-                signs.append(Sign("mse_exploding", step, f"loss/mse {last:.4g} is {last / min(all_mse):.0f}x its lowest value"))
+        if not not_finite and len(all_mse) >= 5 and all_mse[-1] > 10 * min(all_mse):
+            signs.append(Sign("mse_exploding", step, f"loss/mse {all_mse[-1]:.4g} is {all_mse[-1] / min(all_mse):.0f}x its lowest value"))
         if layer_weights and len(layer_weights) > 1:
             hi, lo = max(layer_weights), min(layer_weights)
             if hi > 0.9 or lo < 0.001 or (weight_temperature is not None and weight_temperature < 0.01):

@@ -14,19 +14,20 @@ from .errors import NPTError
 from .schedules import lr_factor
 
 
-def resolve_steps(value: str | int | None, max_steps: int, name: str) -> int:
-    """A step count ('300', 300) or a fraction of max_steps ('0.1')."""
+def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int = 1) -> int:
+    """A step count ('300', 300) or a fraction of max_steps ('0.1'), times `times` (a fraction is
+    multiplied before rounding: twice 10% of 4 steps is 1, not 2 x 0)."""
     text = str(value).strip()
     try:
         if "." in text or "e" in text.lower():
             frac = float(text)
             if not 0.0 <= frac <= 1.0:
                 raise ValueError
-            return int(round(frac * max_steps))
+            return int(round(times * frac * max_steps))
         count = int(text)
         if count < 0:
             raise ValueError
-        return count
+        return times * count
     except ValueError:
         raise NPTError(
             f"--{name} {value!r} is neither a step count nor a fraction in [0, 1].",
