@@ -44,7 +44,8 @@ class OptimArguments:
     adam_eps: float = HfArg(default=1e-8, aliases=["--adam_epsilon"], help="AdamW eps.")
     max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping norm (0 disables).")
     warmup_steps: str = HfArg(default="0.1", help="Learning-rate warm-up (and default curriculum length): a count, or a fraction of max_steps such as 0.1.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = HfArg(default="cosine", aliases=["--lr_scheduler_type"], help="Decay after warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "wsd"] = HfArg(default="wsd", aliases=["--lr_scheduler_type"], help="Decay after warm-up; wsd: the peak until the last --lr_decay_steps, then linear decay.")
+    lr_decay_steps: str = HfArg(default="0.2", help="wsd only: the steps of its final decay, a count or a fraction of max_steps.")
     min_lr_ratio: float = HfArg(default=0.1, help="Final learning rate as a fraction of the peak.")
     batch_size: int = HfArg(default=8, aliases=["--per_device_train_batch_size"], help="Blocks per micro-batch per process.")
     gradient_accumulation_steps: int = HfArg(default=1, help="Micro-batches per optimizer step.")
@@ -67,13 +68,25 @@ class OptimArguments:
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
             raise NPTError("AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
         resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
+        resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
 
     @property
     def warmup(self) -> int:
         return resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
 
+    def describe(self) -> str:
+        """The learning-rate schedule in words, for the run's header."""
+        peak, low = f"{self.learning_rate:g}", f"{self.learning_rate * self.min_lr_ratio:g}"
+        decay = resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
+        shape = {"constant": f"then constant at {peak}",
+                 "cosine": f"then cosine decay to {low}",
+                 "linear": f"then linear decay to {low}",
+                 "wsd": f"stable at {peak} until step {max(self.max_steps - decay, self.warmup)}, then linear decay to {low}"}
+        return f"learning rate warm-up {self.warmup} steps to {peak}, {shape[self.lr_scheduler]}"
+
     def lr_factor(self, step: int) -> float:
-        return lr_factor(step, self.warmup, self.max_steps, self.lr_scheduler, self.min_lr_ratio)
+        decay = resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
+        return lr_factor(step, self.warmup, self.max_steps, self.lr_scheduler, self.min_lr_ratio, decay)
 
 
 def build_optimizer(args: OptimArguments, adapters: list[nn.Parameter], loss_module: nn.Module | None) -> torch.optim.Optimizer:

@@ -31,13 +31,20 @@ def distill_temperature(factor: float, initial: float, start: float = 0.5) -> fl
     return 1.0 + (initial - 1.0) * (1.0 - factor) / (1.0 - start)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "cosine", min_ratio: float = 0.1) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "cosine", min_ratio: float = 0.1,
+              decay_steps: int = 0) -> float:
     """Linear warm-up to 1 over `warmup_steps`, then cosine/linear decay to `min_ratio` at
-    `total_steps` (or constant)."""
+    `total_steps` (or constant); `wsd` (warm-up, stable, decay) holds 1 until the last
+    `decay_steps` steps and decays linearly to `min_ratio` over them."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant" or total_steps <= warmup_steps:
         return 1.0
+    if kind == "wsd":
+        decay_from = max(total_steps - decay_steps, warmup_steps)
+        if step < decay_from:
+            return 1.0
+        return 1.0 - (1.0 - min_ratio) * min((step - decay_from) / max(total_steps - decay_from, 1), 1.0)
     p = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
     if kind == "linear":
         return 1.0 - (1.0 - min_ratio) * p

@@ -266,7 +266,7 @@ def banner(run: Run) -> None:
         f"{base_dtype} weights, mixed precision {acc.mixed_precision}",
         f"batch       {cfg.optim.batch_size} blocks x {cfg.optim.gradient_accumulation_steps} accumulation x {world} = {blocks} blocks "
         f"= {blocks * cfg.data.max_length} tokens per step; {cfg.optim.max_steps} steps",
-        f"schedule    warm-up {cfg.warmup} steps, {phases}",
+        f"schedule    {cfg.optim.describe()}; {phases}",
         f"parameters  {trainable:,} trainable / {total:,} total",
     ]
     if run.resume is not None:

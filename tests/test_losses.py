@@ -143,6 +143,9 @@ def test_curriculum_and_temperature_schedules():
     # learning rate: warm-up then cosine to min ratio
     assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == 1.0
     assert lr_factor(100, 10, 100) == pytest.approx(0.1) and lr_factor(55, 10, 100) == pytest.approx(0.55)
+    # wsd: warm-up, the peak until the last 20 steps, then linear to the min ratio
+    assert [lr_factor(s, 10, 100, "wsd", 0.1, 20) for s in (9, 10, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_factor(90, 10, 100, "wsd", 0.1, 20) == pytest.approx(0.55) and lr_factor(100, 10, 100, "wsd", 0.1, 20) == pytest.approx(0.1)
 
 
 def _train_weights(losses: torch.Tensor, steps: int, naive: bool) -> AdaptiveLayerWeights:

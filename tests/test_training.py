@@ -52,7 +52,7 @@ def test_each_loss_type_trains_and_logs_the_guide_tags(tmp_path, trained_teacher
     for step, c in scalars["training/curriculum_factor"].items():
         # logged at step s (after s optimizer steps): the values step s-1 used, like its loss and learning rate
         assert c == pytest.approx(curriculum_factor(step - 1, 10), abs=1e-6)
-        assert scalars["training/learning_rate"][step] == pytest.approx(3e-3 * lr_factor(step - 1, 10, 40, "cosine", 0.1), rel=1e-5)
+        assert scalars["training/learning_rate"][step] == pytest.approx(3e-3 * lr_factor(step - 1, 10, 40, "wsd", 0.1, 8), rel=1e-5)
         assert scalars["training/temperature"][step] == pytest.approx(distill_temperature(c, 3.0), abs=1e-5)
     assert scalars["training/curriculum_factor"][40] == 1.0 and scalars["training/temperature"][40] == 1.0
     # the per-layer held-out error fell for every layer, whatever the loss type
