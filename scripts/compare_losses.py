@@ -47,7 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
     "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
-    "learning rate: warm-up, stable, decay over the last 20%": ["--lr_scheduler", "wsd"],
+    "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],
     "k=4": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],
 }
