@@ -11,7 +11,7 @@ from torch import nn
 from transformers.hf_argparser import HfArg
 
 from .errors import NPTError
-from .schedules import lr_factor
+from .schedules import lr_factor, wsd_decay_start
 
 
 def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int = 1) -> int:
@@ -67,26 +67,27 @@ class OptimArguments:
             raise NPTError(f"--min_lr_ratio {self.min_lr_ratio} is outside [0, 1].", "Pass e.g. 0.1.")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
             raise NPTError("AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
-        resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
-        resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
+        _ = self.warmup, self.decay  # parse errors surface here
 
     @property
     def warmup(self) -> int:
         return resolve_steps(self.warmup_steps, self.max_steps, "warmup_steps")
 
+    @property
+    def decay(self) -> int:
+        return resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
+
     def describe(self) -> str:
         """The learning-rate schedule in words, for the run's header."""
         peak, low = f"{self.learning_rate:g}", f"{self.learning_rate * self.min_lr_ratio:g}"
-        decay = resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
         shape = {"constant": f"then constant at {peak}",
                  "cosine": f"then cosine decay to {low}",
                  "linear": f"then linear decay to {low}",
-                 "wsd": f"stable at {peak} until step {max(self.max_steps - decay, self.warmup)}, then linear decay to {low}"}
+                 "wsd": f"stable at {peak} until step {wsd_decay_start(self.warmup, self.max_steps, self.decay)}, then linear decay to {low}"}
         return f"learning rate warm-up {self.warmup} steps to {peak}, {shape[self.lr_scheduler]}"
 
     def lr_factor(self, step: int) -> float:
-        decay = resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
-        return lr_factor(step, self.warmup, self.max_steps, self.lr_scheduler, self.min_lr_ratio, decay)
+        return lr_factor(step, self.warmup, self.max_steps, self.lr_scheduler, self.min_lr_ratio, self.decay)
 
 
 def build_optimizer(args: OptimArguments, adapters: list[nn.Parameter], loss_module: nn.Module | None) -> torch.optim.Optimizer:

@@ -41,7 +41,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "cosin
     if kind == "constant" or total_steps <= warmup_steps:
         return 1.0
     if kind == "wsd":
-        decay_from = max(total_steps - decay_steps, warmup_steps)
+        decay_from = wsd_decay_start(warmup_steps, total_steps, decay_steps)
         if step < decay_from:
             return 1.0
         return 1.0 - (1.0 - min_ratio) * min((step - decay_from) / max(total_steps - decay_from, 1), 1.0)
@@ -49,3 +49,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "cosin
     if kind == "linear":
         return 1.0 - (1.0 - min_ratio) * p
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def wsd_decay_start(warmup_steps: int, total_steps: int, decay_steps: int) -> int:
+    """The first step of the `wsd` schedule's decay (never inside the warm-up)."""
+    return max(total_steps - decay_steps, warmup_steps)
