@@ -91,23 +91,31 @@ def log_prob_chunks(t_out: torch.Tensor, s_out: torch.Tensor, head: LogitHead | 
 
 
 class _ChunkedSoftenedKL(torch.autograd.Function):
-    """T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T)) from final hidden states, with the
-    gradient with respect to the student's hidden state, T (softmax(s/T) - softmax(t/T)) W / N,
-    formed chunk by chunk in the forward. Only that [N, d] gradient is kept for the backward. The
-    head is frozen, so it gets no gradient."""
+    """T^2 * mean over rows of (1 - b) KL(p || q) + b KL(q || p), p = softmax(t/T) the teacher's,
+    q = softmax(s/T) the student's, from final hidden states, with the gradient with respect to
+    the student's hidden state formed chunk by chunk in the forward (per row, with respect to the
+    student's logits s: T (q - p) for the forward KL, T q (log q/p - KL(q || p)) for the reverse
+    one; times the head's Jacobian, over N). Only that [N, d] gradient is kept for the backward.
+    The head is frozen, so it gets no gradient."""
 
     @staticmethod
-    def forward(ctx, h_s, h_t, head, temperature, chunk):
+    def forward(ctx, h_s, h_t, head, temperature, chunk, reverse_share):
         n = h_s.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         grad = torch.empty_like(h_s) if ctx.needs_input_grad[0] else None
         for rows, log_p, log_q, s_logits in log_prob_chunks(h_t, h_s, head, temperature, chunk):
-            p = log_p.exp()
+            p, q = log_p.exp(), log_q.exp()
+            log_ratio = log_q - log_p  # log q/p
+            loss_rows = (1 - reverse_share) * (p * log_ratio).sum(-1).neg()
+            g = (q - p).mul_(1 - reverse_share) if reverse_share < 1 else torch.zeros_like(q)
+            if reverse_share > 0:
+                reverse_rows = (q * log_ratio).sum(-1)
+                loss_rows = loss_rows + reverse_share * reverse_rows
+                g.add_(q * (log_ratio - reverse_rows[:, None]), alpha=reverse_share)
             if grad is not None:
-                g = log_q.exp().sub_(p).mul_(temperature / n)
-                grad[rows] = head.input_grad(g, s_logits).to(grad.dtype)
-                del g
-            total += torch.vdot(p.view(-1), log_p.sub_(log_q).view(-1))
+                grad[rows] = head.input_grad(g.mul_(temperature / n), s_logits).to(grad.dtype)
+            total += loss_rows.sum()
+            del g, p, q, log_ratio
         ctx.save_for_backward(grad)
         return total * (temperature**2 / n)
 
@@ -115,19 +123,24 @@ class _ChunkedSoftenedKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
 
 
 def softened_kl(teacher_out: torch.Tensor, student_out: torch.Tensor, mask: torch.Tensor | None, temperature: float,
-                head: LogitHead | None = None, chunk: int | None = None) -> torch.Tensor:
-    """T^2 * mean over real positions of KL(softmax(t/T) || softmax(s/T)) (Hinton et al. 2015; the
-    T^2 keeps the gradient's size independent of T). `teacher_out`, `student_out`: final hidden
+                head: LogitHead | None = None, chunk: int | None = None, reverse_share: float = 0.0) -> torch.Tensor:
+    """T^2 * mean over real positions of (1 - b) KL(softmax(t/T) || softmax(s/T)) + b KL(softmax(s/T) ||
+    softmax(t/T)), b = `reverse_share` (Hinton et al. 2015 for the forward KL at b = 0; the T^2
+    keeps the gradient's size independent of T; the reverse KL is mode-seeking: it charges the
+    student for mass where the teacher has little). `teacher_out`, `student_out`: final hidden
     states with `head` (chunked, see above), or logits without."""
     t, s = real_tokens(teacher_out, mask), real_tokens(student_out, mask)
     if head is not None:
-        return _ChunkedSoftenedKL.apply(s.to(head.weight.dtype), t.to(head.weight.dtype).detach(), head, float(temperature), chunk)
+        return _ChunkedSoftenedKL.apply(s.to(head.weight.dtype), t.to(head.weight.dtype).detach(), head, float(temperature), chunk,
+                                        float(reverse_share))
     log_p, log_q = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
-    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    forward = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    reverse = (log_q.exp() * (log_q - log_p)).sum(-1).mean() if reverse_share > 0 else 0.0
+    return temperature**2 * ((1 - reverse_share) * forward + reverse_share * reverse)
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ class EquivalenceObjective(nn.Module):
         if use_kl:
             _, temperature = self.loss.schedule(step)
             head = LogitHead.of(self.npt.model) if fused else None
-            kl = softened_kl(t_final, s_final, mask, temperature, head=head)
+            kl = softened_kl(t_final, s_final, mask, temperature, head=head, reverse_share=self.loss.cfg.reverse_kl_share)
         return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl, free_running=free_running)
 
     def gradient_penalty(

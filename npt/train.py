@@ -255,7 +255,8 @@ def banner(run: Run) -> None:
     free_from = cfg.free_running_from
     phases = f"teacher forcing until step {free_from}, then free-running" if cfg.free_running else "teacher forcing throughout"
     if cfg.free_running and cfg.loss.logit_kl_weight:
-        phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g})"
+        phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g}"
+        phases += f", {cfg.loss.reverse_kl_share:.0%} of it reverse)" if cfg.loss.reverse_kl_share else ")"
     base_dtype = dtype_name(next(npt.model.parameters()).dtype)
     lines = [
         f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",

@@ -4,6 +4,7 @@
     python scripts/compare_losses.py --output_dir runs/ablation                  # the quick set, embedded default
     python scripts/compare_losses.py --variants all --output_dir runs/ablation-all -- --max_steps 1000
     python scripts/compare_losses.py --variants "mse (baseline loss);k=8" -- --model_name meta-llama/Llama-3.2-1B ...
+    python scripts/compare_losses.py --variants all --jobs 2 --output_dir runs/ablation   # two variants at a time
 
 Every variant trains from the same model, data, seed and step budget; only its flags differ.
 Everything after `--` is passed to every run (any npt-pretrain flag). The held-out evaluation of
@@ -19,6 +20,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
+from _jobs import run_all
 
 from npt.config import Config, parse_args
 from npt.errors import NPTError
@@ -48,6 +52,9 @@ VARIANTS: dict[str, list[str]] = {
     "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
     "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],
+    "reverse KL, half of the logit KL": ["--reverse_kl_share", "0.5"],
+    "adapter rank 32": ["--adapter_rank", "32"],
+    "adapter rank 32, k=8 (the default's cost)": ["--adapter_rank", "32", "--num_ranks", "8"],
     "k=4": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],
 }
@@ -68,21 +75,25 @@ def variant_config(flags: list[str], common: list[str], output_dir: Path) -> Con
     return parse_args([*config, *common, *flags, "--output_dir", str(output_dir)])
 
 
-def run_ablation(names: list[str], common: list[str], output_dir: Path) -> list[dict]:
+def run_ablation(names: list[str], common: list[str], output_dir: Path, jobs: int = 1) -> list[dict]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise NPTError(f"Unknown ablation variant(s) {unknown}.", f"Choose among: {', '.join(VARIANTS)}.")
     output_dir.mkdir(parents=True, exist_ok=True)
     configs = {n: variant_config(VARIANTS[n], common, output_dir / _slug(n)) for n in names}  # all validated first
     rows = []
-    for name, cfg in configs.items():
-        print(f"[ablation] {name}: {' '.join(VARIANTS[name])}", flush=True)
-        start = time.perf_counter()
-        summary = train(cfg)
-        rows.append({"variant": name, "flags": " ".join(VARIANTS[name]), "seconds": time.perf_counter() - start, "summary": summary,
-                     "config": cfg.to_flat()})
+    for row in run_all(_train_one, [(name, cfg) for name, cfg in configs.items()], jobs):
+        rows.append(row)
         write_report(rows, output_dir)
     return rows
+
+
+def _train_one(name: str, cfg: Config) -> dict:
+    print(f"[ablation] {name}: {' '.join(VARIANTS[name])}", flush=True)
+    start = time.perf_counter()
+    summary = train(cfg)
+    return {"variant": name, "flags": " ".join(VARIANTS[name]), "seconds": time.perf_counter() - start, "summary": summary,
+            "config": cfg.to_flat(), "threads": torch.get_num_threads()}
 
 
 def _slug(name: str) -> str:
@@ -105,7 +116,9 @@ def table(rows: list[dict]) -> str:
                      f"| {e['kl']:.4f} | {e['top1_agreement']:.1%} | {greedy_cell(e)} | {e['student_ppl']:.2f} | {e['ppl_ratio']:.3f} | {row['seconds']:.0f} |")
     e = first["eval"]
     lines.append("")
-    lines.append(f"Teacher perplexity {e['teacher_ppl']:.2f} on {e['tokens']} held-out tokens; {first['steps']} steps per variant.")
+    threads = rows[0].get("threads")
+    lines.append(f"Teacher perplexity {e['teacher_ppl']:.2f} on {e['tokens']} held-out tokens; {first['steps']} steps per variant"
+                 + (f"; {threads} thread(s) per run." if threads else "."))
     return "\n".join(lines)
 
 
@@ -148,14 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="runs/ablation")
     parser.add_argument("--variants", default="quick", help=f"quick ({'; '.join(QUICK)}), all, or a semicolon-separated list of: {'; '.join(VARIANTS)}")
     parser.add_argument("--list", action="store_true", help="list the variants and their flags")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at the same time, each in its own process on cores/jobs threads")
     args = parser.parse_args(own)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be at least 1")
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name:45s} {' '.join(flags)}")
         return 0
     names = QUICK if args.variants == "quick" else list(VARIANTS) if args.variants == "all" else [n.strip() for n in args.variants.split(";")]
     try:
-        rows = run_ablation(names, ["--no-progress", "--num_samples", "0", *common], Path(args.output_dir))
+        rows = run_ablation(names, ["--no-progress", "--num_samples", "0", *common], Path(args.output_dir), args.jobs)
     except NPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

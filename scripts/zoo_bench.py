@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+
+from _jobs import run_all
 
 from npt.config import parse_args
 from npt.errors import NPTError
@@ -61,20 +60,9 @@ def run_zoo(models: list[str], flags: list[str], output_dir: Path, jobs: int = 1
         teachers[name] = describe(name)
         print(f"[zoo] {name}: {teachers[name]}", flush=True)
     rows = []
-    if jobs == 1:
-        for name, cfg in configs.items():
-            rows.append(_train_one(name, cfg, teachers[name]))
-            write_report(rows, flags, output_dir)
-        return rows
-    # one process per teacher at a time, the cores split between them: a run's own threads scale
-    # poorly on few cores (the Gemma-3-style teacher: 663 s on one thread, 420 s on two)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        futures = {name: pool.submit(_train_one, name, cfg, teachers[name]) for name, cfg in configs.items()}
-        for name in models:  # the table keeps the order asked for
-            rows.append(futures[name].result())
-            write_report(rows, flags, output_dir)
+    for row in run_all(_train_one, [(name, configs[name], teachers[name]) for name in models], jobs):
+        rows.append(row)
+        write_report(rows, flags, output_dir)
     return rows
 
 

@@ -45,3 +45,25 @@ def test_unknown_variant_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=120, env=script_env())
     assert proc.returncode == 2 and "Unknown ablation variant" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_in_parallel_come_back_in_order_each_on_its_share_of_the_cores():
+    """`--jobs N` of compare_losses and zoo_bench: N spawned processes on cores / N threads each,
+    results in the order given (whichever finishes first)."""
+    import operator
+    import os
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from _jobs import run_all
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import torch
+
+    calls = [(5, 1), (1, 5), (7, 7)]
+    assert list(run_all(operator.sub, calls, jobs=1)) == [4, -4, 0]
+    assert list(run_all(operator.sub, calls, jobs=2)) == [4, -4, 0]
+    threads = list(run_all(torch.get_num_threads, [(), ()], jobs=2))
+    assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2
+    with pytest.raises(ValueError, match="at least 1"):
+        list(run_all(operator.sub, calls, jobs=0))

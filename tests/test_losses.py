@@ -342,23 +342,31 @@ def test_softened_kl_against_hand_computation():
         p, q = torch.softmax(t[0, 0] / temp, -1), torch.softmax(s[0, 0] / temp, -1)
         expected = temp**2 * (p * (p.log() - q.log())).sum()
         assert softened_kl(t, s, mask, temp).item() == pytest.approx(expected.item(), rel=1e-6)
+        reverse = temp**2 * (q * (q.log() - p.log())).sum()
+        assert abs(reverse - expected) > 0.01  # the two directions differ here, so the share is seen
+        for b in (0.25, 1.0):
+            assert softened_kl(t, s, mask, temp, reverse_share=b).item() == pytest.approx(((1 - b) * expected + b * reverse).item(), rel=1e-6)
     assert softened_kl(t, t, None, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert softened_kl(t, t, None, 3.0, reverse_share=0.5).item() == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("chunk", [3, None])
-def test_chunked_kl_from_hidden_states_equals_the_full_logits_kl(chunk):
+@pytest.mark.parametrize("chunk,reverse_share", [(3, 0.0), (None, 0.0), (3, 0.3), (4, 1.0)])
+def test_chunked_kl_from_hidden_states_equals_the_full_logits_kl(chunk, reverse_share):
     """Value and gradient of the fused, chunked KL against `softened_kl` on full logits, with
     padding and a chunk size that does not divide the number of real tokens."""
     from npt.kl import LogitHead, softened_kl
 
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(6, 11, bias=True, dtype=torch.float64)
+    with torch.no_grad():  # drawn from the test's own generator, not the global one (whose state depends on the tests before)
+        head.weight.copy_(torch.randn(11, 6, dtype=torch.float64, generator=g) / 6**0.5)
+        head.bias.copy_(torch.randn(11, dtype=torch.float64, generator=g) * 0.1)
     h_t = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
     h_s = torch.randn(2, 5, 6, dtype=torch.float64, generator=g).requires_grad_(True)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     for temp in (1.0, 2.5):
-        ours = softened_kl(h_t, h_s, mask, temp, head=LogitHead(head.weight, head.bias), chunk=chunk)
-        ref = softened_kl(head(h_t).detach(), head(h_s), mask, temp).double()
+        ours = softened_kl(h_t, h_s, mask, temp, head=LogitHead(head.weight, head.bias), chunk=chunk, reverse_share=reverse_share)
+        ref = softened_kl(head(h_t).detach(), head(h_s), mask, temp, reverse_share=reverse_share).double()
         assert ours.item() == pytest.approx(ref.item(), rel=1e-6) and ours.item() > 0.01  # both in float32
         (g_ours,), (g_ref,) = torch.autograd.grad(2 * ours, h_s), torch.autograd.grad(2 * ref, h_s)
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
