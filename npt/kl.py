@@ -106,16 +106,18 @@ class _ChunkedSoftenedKL(torch.autograd.Function):
         for rows, log_p, log_q, s_logits in log_prob_chunks(h_t, h_s, head, temperature, chunk):
             p, q = log_p.exp(), log_q.exp()
             log_ratio = log_q - log_p  # log q/p
-            loss_rows = (1 - reverse_share) * (p * log_ratio).sum(-1).neg()
-            g = (q - p).mul_(1 - reverse_share) if reverse_share < 1 else torch.zeros_like(q)
-            if reverse_share > 0:
-                reverse_rows = (q * log_ratio).sum(-1)
-                loss_rows = loss_rows + reverse_share * reverse_rows
-                g.add_(q * (log_ratio - reverse_rows[:, None]), alpha=reverse_share)
-            if grad is not None:
+            loss_rows = (p * log_ratio).sum(-1).mul_(reverse_share - 1)  # (1 - b) KL(p || q)
+            reverse_rows = (q * log_ratio).sum(-1) if reverse_share else None  # KL(q || p)
+            if reverse_rows is not None:
+                loss_rows.add_(reverse_rows, alpha=reverse_share)
+            if grad is not None:  # the gradient is only formed where it is asked for
+                g = (q - p).mul_(1 - reverse_share)
+                if reverse_rows is not None:
+                    g.add_(q * (log_ratio - reverse_rows[:, None]), alpha=reverse_share)
                 grad[rows] = head.input_grad(g.mul_(temperature / n), s_logits).to(grad.dtype)
+                del g
             total += loss_rows.sum()
-            del g, p, q, log_ratio
+            del p, q, log_ratio
         ctx.save_for_backward(grad)
         return total * (temperature**2 / n)
 

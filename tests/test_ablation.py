@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, script_env
+from helpers import ROOT, load_script, script_env
 
 from npt.model import AdapterArguments
 
@@ -53,11 +53,7 @@ def test_runs_in_parallel_come_back_in_order_each_on_its_share_of_the_cores():
     import operator
     import os
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from _jobs import run_all
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    run_all = load_script("_jobs").run_all
     import torch
 
     calls = [(5, 1), (1, 5), (7, 7)]
