@@ -34,6 +34,7 @@ from .loading import ModelArguments
 from .losses import LossConfig
 from .model import AdapterArguments
 from .optim import OptimArguments, resolve_steps
+from .schedules import converted_count, progressive_stage
 from .run import RunArguments
 
 GROUPS: dict[str, type] = {
@@ -70,6 +71,9 @@ class Config:
         if self.free_running and self.loss.logit_kl_weight == 0 and self.loss.free_running_layer_weight == 0:
             raise NPTError("--free_running_layer_weight 0 and --logit_kl_weight 0: free-running steps would train nothing.",
                            "Give one of them a positive weight (the default: the logit KL, weight 1).")
+        if self.loss.progressive_stages > max(self.free_running, 1):
+            raise NPTError(f"--progressive_stages {self.loss.progressive_stages}: the stages split the free-running phase, which has {self.free_running} steps.",
+                           "Pass at most as many stages as free-running steps (and --free_running_steps > 0).")
         if self.run.fsdp and self.loss.use_gradient_penalty:
             raise NPTError("--use_gradient_penalty does not work with --fsdp: its double backward runs through layers whose weights FSDP has already freed.",
                            "Drop one of them (configs/standard.yaml and difficult.yaml turn the penalty on: add --no-use_gradient_penalty).")
@@ -106,6 +110,18 @@ class Config:
     def free_running_from(self) -> int:
         """The first step that runs the student freely."""
         return self.optim.max_steps - self.free_running
+
+    def stage(self, step: int) -> int:
+        """The progressive stage of step `step`: 0 in teacher-forced steps and when every layer is
+        converted at once (--progressive_stages 1), else 1..N."""
+        if self.loss.progressive_stages == 1 or step < self.free_running_from:
+            return 0
+        return progressive_stage(step, self.free_running_from, self.optim.max_steps, self.loss.progressive_stages)
+
+    def npt_count(self, step: int, layers: int) -> int:
+        """How many of the `layers` converted layers (the lowest) run as NPT layers in step `step`."""
+        stage = self.stage(step)
+        return layers if stage == 0 else converted_count(stage, self.loss.progressive_stages, layers)
 
     # ---- flat views (flags, config files, config.json) ----------------------------------------
 

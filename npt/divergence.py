@@ -19,7 +19,9 @@ An evaluation is compared with the last *good* evaluation of its own phase:
 - worse by more than `tolerance` (relative): a strike; `patience` strikes in a row diverge;
 - at least `blowup` times the reference, or not finite: diverged at once;
 - no reference of its phase yet (the first evaluation of a phase): good, unless not finite, or
-  (free-running) its KL is `blowup` times that of the last good evaluation of the other phase.
+  (free-running) its KL is `blowup` times that of the last good evaluation of any phase.
+A progressive conversion's stages (--progressive_stages) are phases of their own: each trains a
+student with more layers converted than the one before, whose KL may start higher.
 A good evaluation becomes the reference and the rollback target, and clears the strikes.
 
 The logged training losses diverge when loss/mse is not finite, or, while teacher-forced (where
@@ -53,8 +55,12 @@ class DivergencePolicy:
         self.strikes = 0
 
     @staticmethod
-    def phase(free_running: bool) -> str:
-        return "free-running" if free_running else "teacher-forced"
+    def phase(free_running: bool, stage: int = 0) -> str:
+        """A progressive conversion's stage (1..N) trains another student than the stage before
+        it, so each stage is a phase of its own."""
+        if not free_running:
+            return "teacher-forced"
+        return f"free-running stage {stage}" if stage else "free-running"
 
     @staticmethod
     def measure(free_running: bool) -> tuple[str, str]:
@@ -63,19 +69,20 @@ class DivergencePolicy:
 
     # ---- what the loop reports ----------------------------------------------------------------
 
-    def observe_eval(self, record: dict, free_running: bool) -> Verdict:
+    def observe_eval(self, record: dict, free_running: bool, stage: int = 0) -> Verdict:
         if self.start is None:  # the evaluation before training: the first reference
             self.start = record
-            return self._good(record, free_running)
+            return self._good(record, self.phase(free_running))
         if not math.isfinite(record["kl"]):
             return self._strike_out(f"the held-out KL is {record['kl']}")
         key, name = self.measure(free_running)
-        ref = self.reference.get(self.phase(free_running))
+        phase = self.phase(free_running, stage)
+        ref = self.reference.get(phase)
         if ref is None:
             other = self.last_good
             if free_running and other is not None and record["kl"] >= self.blowup * other["kl"]:
                 return self._strike_out(f"the {name} {record['kl']:.4f} is {record['kl'] / other['kl']:.1f}x that of step {other['step']} ({other['kl']:.4f})")
-            return self._good(record, free_running)
+            return self._good(record, phase)
         value, before = record[key], ref[key]
         if value >= self.blowup * before:
             return self._strike_out(f"the {name} {value:.4f} is {value / before:.1f}x that of step {ref['step']} ({before:.4f})")
@@ -85,7 +92,7 @@ class DivergencePolicy:
                 return self._strike_out(f"the {name} {value:.4f} is above that of step {ref['step']} ({before:.4f}) "
                                         f"for {self.strikes} evaluations in a row")
             return Verdict()
-        return self._good(record, free_running)
+        return self._good(record, phase)
 
     def observe_log(self, scalars: dict[str, float], signs: list, free_running: bool) -> Verdict:
         mse = scalars["loss/mse"]
@@ -112,8 +119,8 @@ class DivergencePolicy:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _good(self, record: dict, free_running: bool) -> Verdict:
-        self.reference[self.phase(free_running)] = record
+    def _good(self, record: dict, phase: str) -> Verdict:
+        self.reference[phase] = record
         self.last_good = record
         self.strikes = 0
         return Verdict(good=True)

@@ -59,6 +59,7 @@ class LossConfig:
     free_running_steps: str = HfArg(default="auto", help="Train the last N steps (a count, or a fraction of max_steps) with the student running freely, each NPT layer fed by the one below. auto: teacher forcing for twice the curriculum (the warm-up unless set), at most half the run; 20%% of the steps with the defaults.")
     logit_kl_weight: float = HfArg(default=1.0, help="Weight of T^2 * KL(teacher || student) of the next-token distributions at the curriculum temperature, in free-running steps.")
     reverse_kl_share: float = HfArg(default=0.0, help="Share b of the reverse KL(student || teacher) in the logit KL: (1 - b) forward + b reverse, in [0, 1]. The reverse KL is mode-seeking.")
+    progressive_stages: int = HfArg(default=1, help="Convert the layers progressively, bottom-up: the free-running phase is split into N stages, and in stage s the lowest ceil(s n / N) of the n converted layers run as NPT layers, the rest as teacher layers (attention kept). 1: all at once. Evaluations always measure the whole student.")
     free_running_layer_weight: float = HfArg(default=0.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1); 0: the free-running phase trains on the logit KL alone. Running freely, layer i's error adds up those of every layer below.")
 
     def __post_init__(self):
@@ -70,6 +71,7 @@ class LossConfig:
         for name in ("mse_weight", "cosine_weight", "regularization_lambda", "gradient_penalty_lambda", "focal_gamma", "logit_kl_weight", "free_running_layer_weight"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"--{name} {value} is negative or not finite.", f"Pass --{name} >= 0.")
+        need(self.progressive_stages >= 1, f"--progressive_stages {self.progressive_stages} must be at least 1.", "Pass 1 (all layers at once) or more stages.")
         need(0 <= self.reverse_kl_share <= 1, f"--reverse_kl_share {self.reverse_kl_share} is not a share.", "Pass a value in [0, 1] (0: the forward KL alone).")
         if self.loss_type == "improved_npt":
             need(self.mse_weight + self.cosine_weight > 0, "--mse_weight and --cosine_weight are both 0: improved_npt would train nothing.",

@@ -227,6 +227,19 @@ class NPTModel(nn.Module):
             layer.npt_enabled = enabled
 
     @contextlib.contextmanager
+    def lowest_converted(self, count: int):
+        """Inside this block only the lowest `count` converted layers run as NPT layers, the rest
+        as teacher layers (a progressive conversion's stage)."""
+        previous = {i: layer.npt_enabled for i, layer in self.npt_layers.items()}
+        for rank, (i, layer) in enumerate(sorted(self.npt_layers.items())):
+            layer.npt_enabled = previous[i] and rank < count
+        try:
+            yield self
+        finally:
+            for i, layer in self.npt_layers.items():
+                layer.npt_enabled = previous[i]
+
+    @contextlib.contextmanager
     def teacher_mode(self):
         """Run the original (teacher) layers inside this block."""
         previous = {i: layer.npt_enabled for i, layer in self.npt_layers.items()}

@@ -91,7 +91,8 @@ class EquivalenceObjective(nn.Module):
         if free_running:
             runs, s_final = run_student(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early)
             students = {idx: rec.outputs for idx, rec in runs.items()}
-            frob2s = {idx: self.npt.npt_layers[idx](None, npt_regularizer_of=rec.attn) for idx, rec in runs.items()}
+            layers = self.npt.npt_layers
+            frob2s = {idx: layers[idx](None, npt_regularizer_of=rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():
@@ -99,6 +100,9 @@ class EquivalenceObjective(nn.Module):
         tensors = self.layer_tensors(students, records, mask)
         regs = []
         for idx in self.npt.npt_layers:
+            if idx not in frob2s:  # a layer not converted yet (progressive stages): its adapter is unused
+                regs.append(torch.zeros((), device=input_ids.device))
+                continue
             reg = masked_mean(frob2s[idx], mask)
             regs.append(reg / self.gate_norms[idx] if self.normalize else reg)
         gp = None

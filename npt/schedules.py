@@ -1,4 +1,5 @@
-"""Step-indexed schedules: curriculum factor, distillation temperature, learning rate.
+"""Step-indexed schedules: curriculum factor, distillation temperature, learning rate, and the
+stages of a progressive conversion.
 
 All are pure functions of the optimizer step, so a resumed run recomputes them exactly from the
 step it saved; nothing about them needs to be checkpointed.
@@ -54,3 +55,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "cosin
 def wsd_decay_start(warmup_steps: int, total_steps: int, decay_steps: int) -> int:
     """The first step of the `wsd` schedule's decay (never inside the warm-up)."""
     return max(total_steps - decay_steps, warmup_steps)
+
+
+def progressive_stage(step: int, start: int, total: int, stages: int) -> int:
+    """The stage (1..stages) of free-running step `step`: the free-running steps [start, total)
+    split into `stages` runs of (nearly) equal length."""
+    span = max(total - start, 1)
+    return min(stages, 1 + max(step - start, 0) * stages // span)
+
+
+def converted_count(stage: int, stages: int, layers: int) -> int:
+    """How many of the `layers` converted layers (the lowest) run as NPT layers in `stage` of
+    `stages`: ceil(stage * layers / stages), so the last stage runs all of them."""
+    return -(-stage * layers // stages)

@@ -50,6 +50,7 @@ from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
 from .optim import build_optimizer, set_learning_rate
 from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_device, resolve_output_dir
+from .schedules import converted_count
 from .serialization import read_adapter_config
 from .teachers import EMBEDDED_NAME
 
@@ -146,6 +147,9 @@ def setup(cfg: Config) -> Run:
     state = PartialState(cpu=use_cpu)
     if cfg.run.fsdp and state.num_processes < 2:
         raise NPTError("--fsdp needs several processes.", "Launch with torchrun --nproc_per_node N or accelerate launch, or drop --fsdp.")
+    if cfg.loss.progressive_stages > 1 and state.num_processes > 1:
+        raise NPTError("--progressive_stages runs on one process: DDP and FSDP expect every adapter in every step's backward, and a layer not converted yet has none.",
+                       "Launch one process, or pass --progressive_stages 1.")
     out = resolve_output_dir(cfg.run)
     resume = checkpoint_to_resume(cfg.run, out)
     # accelerate keeps one state per process, and a second Accelerator with another
@@ -257,6 +261,9 @@ def banner(run: Run) -> None:
     if cfg.free_running and cfg.loss.logit_kl_weight:
         phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g}"
         phases += f", {cfg.loss.reverse_kl_share:.0%} of it reverse)" if cfg.loss.reverse_kl_share else ")"
+    if cfg.free_running and cfg.loss.progressive_stages > 1:
+        phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
+                   f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")
     base_dtype = dtype_name(next(npt.model.parameters()).dtype)
     lines = [
         f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",
@@ -301,18 +308,21 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         # this step's learning rate and phase
         set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale)
         free_running = p.step >= cfg.free_running_from
+        npt_count = cfg.npt_count(p.step, len(run.layers))
         started = time.perf_counter()
-        # forward and backward over the accumulation window (gradients synchronised on its last micro-batch)
+        # forward and backward over the accumulation window (gradients synchronised on its last
+        # micro-batch), in a progressive stage with only the lowest layers converted
         window_objective = torch.zeros((), device=acc.device)
         window_metrics = IntervalMeans()
-        for micro in range(ga):
-            batch = run.stream.next_batch().to(acc.device, non_blocking=True)
-            with gradient_sync(run.objective, acc, sync=micro == ga - 1):
-                with acc.autocast():
-                    output = run.objective(batch, None, p.step, free_running)
-                acc.backward(output.objective / ga)
-            window_objective += output.objective.detach().float()
-            window_metrics.add(output.metrics)
+        with run.npt.lowest_converted(npt_count):
+            for micro in range(ga):
+                batch = run.stream.next_batch().to(acc.device, non_blocking=True)
+                with gradient_sync(run.objective, acc, sync=micro == ga - 1):
+                    with acc.autocast():
+                        output = run.objective(batch, None, p.step, free_running)
+                    acc.backward(output.objective / ga)
+                window_objective += output.objective.detach().float()
+                window_metrics.add(output.metrics)
         grad_norm = full_tensor(acc.clip_grad_norm_(params, max_norm))
         # one host sync per step: loss, gradient norm, and a signal on any process (all stop at the same step)
         signalled = torch.tensor(float(bool(stopper.signum)), device=window_objective.device)
@@ -343,7 +353,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
 
         # logs, and divergence in them
         if finite and (p.step % cfg.run.logging_steps == 0 or p.step == cfg.optim.max_steps):
-            reason = log_step(run, tracker, bar, means, interval, free_running, text_lines)
+            reason = log_step(run, tracker, bar, means, interval, free_running, text_lines, npt_count)
             interval = {"tokens": 0, "seconds": 0.0}
             if reason:
                 rollback(run, tracker, reason)
@@ -376,7 +386,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
     bar.close()
 
 
-def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: dict, free_running: bool, text_lines: bool) -> str | None:
+def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: dict, free_running: bool, text_lines: bool,
+             npt_count: int) -> str | None:
     """Log the interval's means; print them; return a reason if they show divergence."""
     cfg, p = run.cfg, run.progress
     values = means.pop(reduce=all_reduce_mean)
@@ -391,6 +402,7 @@ def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: di
         "training/skipped_steps": p.skipped_steps,
         "training/free_running": float(free_running),
         "training/lr_scale": p.lr_scale,
+        "training/npt_layers": npt_count,
     })
     tracker.scalars(p.step, tags)
     weights = values.get("layer_weight") if cfg.loss.use_adaptive_weights else None
@@ -427,7 +439,7 @@ def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
         tracker.text(p.step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}\n\n"
                                                           f"({s['identical_tokens']} identical tokens)" for s in samples[: cfg.run.num_samples]))
     # the steps before this evaluation were free-running ones (the phase it judges)
-    verdict = run.policy.observe_eval(record, free_running=p.step > cfg.free_running_from)
+    verdict = run.policy.observe_eval(record, free_running=p.step > cfg.free_running_from, stage=cfg.stage(p.step - 1))
     if verdict.diverged and not final:
         rollback(run, tracker, verdict.diverged)
         return result

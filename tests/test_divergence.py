@@ -115,3 +115,17 @@ def test_the_loop_keeps_training_through_a_rising_kl_and_rolls_back_a_rising_lay
     # steps 2 and 4: the KL rose, every layer improved: no rollback; steps 6 and 8: two strikes -> back to step 4
     assert [(r["step"], r["to_step"]) for r in summary["rollbacks"]] == [(8, 4)]
     assert "held-out mean relative error 0.6200 is above that of step 4 (0.4000)" in summary["rollbacks"][0]["reason"]
+
+
+def test_each_progressive_stage_is_judged_against_its_own_evaluations():
+    """A stage converts more layers than the one before: its first KL may be higher, and is not a
+    strike against the stage before; within a stage the usual rule holds."""
+    policy = DivergencePolicy(patience=2)
+    policy.observe_eval(rec(0, 6.9, 0.55), free_running=False)
+    assert policy.observe_eval(rec(100, 3.0, 0.5), free_running=True, stage=1).good
+    assert policy.observe_eval(rec(150, 2.5, 0.5), free_running=True, stage=1).good
+    assert policy.observe_eval(rec(200, 4.0, 0.6), free_running=True, stage=2).good  # 1.6x stage 1's last: a new phase
+    assert policy.observe_eval(rec(250, 4.2, 0.6), free_running=True, stage=2).diverged is None  # strike 1 within stage 2
+    late = policy.observe_eval(rec(300, 4.3, 0.6), free_running=True, stage=2)
+    assert late.diverged and "step 200" in late.diverged
+    assert policy.observe_eval(rec(350, 8.1, 0.6), free_running=True, stage=3).diverged  # 2x the last good (step 200's 4.0)

@@ -17,7 +17,7 @@ from helpers import ROOT, read_scalars
 
 from npt.cli import main
 from npt.config import parse_args
-from npt.schedules import curriculum_factor, distill_temperature, lr_factor
+from npt.schedules import converted_count, curriculum_factor, distill_temperature, lr_factor, progressive_stage
 from npt.serialization import load_adapter_weights
 
 pytestmark = pytest.mark.slow
@@ -76,6 +76,36 @@ def test_default_recipe_switches_to_free_running_and_lowers_the_kl(tmp_path, tra
     assert set(scalars["loss/logit_kl"]) == {s for s, v in free.items() if v == 1.0}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["kl"] < summary["eval_before"]["kl"] and summary["eval"]["student_ppl"] < summary["eval_before"]["student_ppl"]
+
+
+def test_progressive_stages_hand_values():
+    # 16 free-running steps from step 4, 2 stages: steps 4-11 and 12-19; 3 stages of 16: 6, 5, 5
+    assert [progressive_stage(s, 4, 20, 2) for s in (4, 11, 12, 19)] == [1, 1, 2, 2]
+    assert [progressive_stage(s, 4, 20, 3) for s in (4, 9, 10, 14, 15, 19)] == [1, 1, 2, 2, 3, 3]
+    assert [converted_count(s, 3, 4) for s in (1, 2, 3)] == [2, 3, 4]  # ceil(s n / N)
+    assert [converted_count(s, 5, 30) for s in range(1, 6)] == [6, 12, 18, 24, 30]
+
+
+def test_progressive_stages_convert_bottom_up_and_train_only_the_converted_layers(tmp_path, trained_teacher_dir):
+    out = tmp_path / "run"
+    # 20 steps: teacher-forced 0-3, then stage 1 (steps 4-11, the lowest ceil(3/2) = 2 of the 3 layers NPT) and stage 2 (12-19, all 3)
+    assert main(base_args(trained_teacher_dir, out, "--max_steps", "20", "--logging_steps", "1", "--eval_steps", "0",
+                          "--save_steps", "4", "--save_total_limit", "5", "--progressive_stages", "2")) == 0
+    scalars = read_scalars(out)
+    layers = scalars["training/npt_layers"]  # logged at step s: what step s - 1 ran
+    assert [layers[s] for s in (1, 4, 5, 12, 13, 20)] == [3, 3, 2, 2, 3, 3]
+    ckpt = {s: load_adapter_weights(out / "checkpoints" / f"step-{s:08d}") for s in (4, 12, 20)}
+
+    def moved(a: int, b: int, layer: int) -> bool:
+        keys = [k for k in ckpt[a] if f"layers.{layer}." in k]
+        assert keys
+        return any(not torch.equal(ckpt[a][k], ckpt[b][k]) for k in keys)
+
+    # stage 1 trains the lowest two layers and leaves the top one exactly as teacher forcing left it
+    assert [moved(4, 12, i) for i in range(3)] == [True, True, False]
+    assert [moved(12, 20, i) for i in range(3)] == [True, True, True]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["kl"] < summary["eval_before"]["kl"]
 
 
 def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir):
