@@ -81,6 +81,9 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "missing config file": (["--config", str(tmp / "nope.yaml")], "does not exist"),
         "logit KL without free-running": (["--free_running_steps", "0", "--logit_kl_weight", "1"], "acts only in free-running steps"),
         "reverse KL share above 1": (["--reverse_kl_share", "1.5"], "--reverse_kl_share 1.5 is not a share"),
+        "progressive stages 0": (["--progressive_stages", "0"], "--progressive_stages 0 must be at least 1"),
+        "stages without free-running": (["--progressive_stages", "2", "--free_running_steps", "0", "--logit_kl_weight", "0"],
+                                        "the stages split the free-running phase, which has 0 steps"),
         "empty data file": (["--data_files", str(empty)], "are empty (0 bytes)"),
         "data file without rows": (["--data_files", str(blank)], "Check that the files hold rows of text"),
         "layers wired differently (bitnet)": (["--model_name", str(_bitnet(tmp, teacher))], "decoder layer 0: a fresh NPT layer on input h + a differs"),
@@ -106,7 +109,8 @@ def _bitnet(tmp: Path, teacher: Path) -> Path:
 CASES = ["unknown loss type", "negative loss weight", "all-zero loss weights", "model path missing", "hub id while offline",
          "unsupported architecture", "adapter rank 0", "adapter rank > hidden", "missing layer", "dataset path missing",
          "no text column", "corpus below one block", "max_length beyond positions", "batch size 0", "bad warmup",
-         "cuda without a gpu", "missing config file", "logit KL without free-running", "reverse KL share above 1", "empty data file", "data file without rows",
+         "cuda without a gpu", "missing config file", "logit KL without free-running", "reverse KL share above 1", "progressive stages 0",
+         "stages without free-running", "empty data file", "data file without rows",
          "layers wired differently (bitnet)"]
 
 
