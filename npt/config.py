@@ -34,8 +34,8 @@ from .loading import ModelArguments
 from .losses import LossConfig
 from .model import AdapterArguments
 from .optim import OptimArguments, resolve_steps
-from .schedules import converted_count, progressive_stage
 from .run import RunArguments
+from .schedules import converted_count, progressive_stage
 
 GROUPS: dict[str, type] = {
     "model": ModelArguments,
