@@ -242,13 +242,8 @@ class NPTModel(nn.Module):
     @contextlib.contextmanager
     def teacher_mode(self):
         """Run the original (teacher) layers inside this block."""
-        previous = {i: layer.npt_enabled for i, layer in self.npt_layers.items()}
-        self.set_npt_enabled(False)
-        try:
+        with self.lowest_converted(0):
             yield self
-        finally:
-            for i, layer in self.npt_layers.items():
-                layer.npt_enabled = previous[i]
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
