@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -18,16 +19,17 @@ from pathlib import Path
 import pytest
 from helpers import TINY_RECIPE
 
-from npt.corpus import load_corpus
-from npt.teachers import TeacherRecipe, build_teacher
+from npt.teachers import TeacherRecipe, build_teacher, ensure_teacher
 
 
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory) -> Path:
     """A small Llama teacher with its own tokenizer, trained on the embedded corpus, saved to disk
-    (so the CLI loads it through the same from_pretrained path a hub id uses)."""
-    path = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
-    info = build_teacher(path, load_corpus(), TINY_RECIPE, progress=False)
+    (so the CLI loads it through the same from_pretrained path a hub id uses). Built through the
+    teacher cache (the tests' private one), so that a test which makes it the embedded default's
+    recipe finds it built."""
+    path = ensure_teacher(TINY_RECIPE, progress=False)
+    info = json.loads((path / "build_info.json").read_text())
     assert info["heldout_perplexity"] < 200, info
     return path
 
