@@ -6,6 +6,7 @@
     python scripts/benchmark.py --model_name meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
     python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
+    python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16 --seq_len 64   # adapter sizes' step cost
 
 For each shape: the teacher forward alone (the floor), the project's training step (forward,
 loss, backward, optimizer step) and a faithful re-creation of the original design, alternated
@@ -416,6 +417,8 @@ class BenchArguments:
                 "bfloat16 autocast (teacher and project are always run)"})
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
+    compare_ranks: str | None = dataclasses.field(default=None, metadata={
+        "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16), side by side"})
     memory_child: str | None = dataclasses.field(default=None, metadata={"help": argparse.SUPPRESS})
 
 
@@ -434,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                          rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, device=args.device, dtype=dtype,
                          gradient_checkpointing=args.gradient_checkpointing)
+        if args.compare_ranks:
+            print(rank_costs(spec, parse_sizes(args.compare_ranks), args.rounds, args.steps))
+            continue
         which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
         times = time_contenders(spec, args.rounds, args.steps, which=which)
         memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
@@ -447,6 +453,50 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             print(scaling(spec, args))
     return 0
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'16x16,32x16' -> [(16, 16), (32, 16)]: adapter rank r x number of modulations k."""
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16.")
+    return sizes
+
+
+def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int]], rounds: int = 5, steps: int = 3, warmup: int = 2) -> str:
+    """The free-running step (the default recipe's dearer phase) at each adapter size, each on its
+    own copy of the same model, alternated round by round on one batch, against the teacher forward."""
+    model = build_model(spec)
+    x = make_batch(model, spec)
+    contenders = {"teacher": TeacherForward(model, spec)}
+    for r, k in sizes:
+        contenders[f"{r}x{k}"] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k))
+    for c in contenders.values():
+        for _ in range(warmup):
+            c.step(x)
+    times: dict[str, list[float]] = {key: [] for key in contenders}
+    for _ in range(rounds):
+        for key, c in contenders.items():
+            _sync(spec.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                c.step(x)
+            _sync(spec.device)
+            times[key].append((time.perf_counter() - t0) / steps)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    first = f"{sizes[0][0]}x{sizes[0][1]}"
+    rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, {spec.dtype}, {spec.device}): the free-running step, side by side",
+            "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step |", "|---|---|---|---|---|---|"]
+    tokens = spec.batch_size * spec.seq_len
+    for key, c in contenders.items():
+        if key == "teacher":
+            continue
+        params = sum(p.numel() for p in c.npt.adapter_parameters())
+        rows.append(f"| {key} | {params:,} | {med[key]:.3f} | {tokens / med[key]:.0f} | {med[key] / med['teacher']:.2f} | {med[key] / med[first]:.2f} |")
+    return "\n".join(rows) + "\n"
 
 
 def scaling(spec: BenchSpec, args) -> str:

@@ -63,3 +63,16 @@ def test_plot_runs_draws_the_held_out_curves_of_finished_runs(tmp_path):
     out = tmp_path / "curves.png"
     assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_adapter_sizes_compared_side_by_side():
+    """--compare_ranks: one row per size, adapter parameters by hand (tiny: 3 layers, d 32, f 64:
+    A d r + B_m k r d + B_f k r f), ratios against the first size."""
+    spec = bench.BenchSpec(shape="tiny", batch_size=2, seq_len=16)
+    table = bench.rank_costs(spec, bench.parse_sizes("4x4,8x2"), rounds=1, steps=1, warmup=1)
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| 4x4") or line.startswith("| 8x2")]
+    assert [r[1].strip() for r in rows] == ["4x4", "8x2"]
+    assert [int(r[2].replace(",", "")) for r in rows] == [3 * (32 * 4 + 16 * 32 + 16 * 64), 3 * (32 * 8 + 16 * 32 + 16 * 64)]
+    assert float(rows[0][6]) == 1.0 and float(rows[1][6]) > 0
+    with pytest.raises(SystemExit, match="r x k"):
+        bench.parse_sizes("16,32")
