@@ -208,7 +208,7 @@ def test_embedded_default_run_reduces_heldout_error_per_layer(tmp_path, trained_
     """The README's main command with its defaults (a shorter run): no model flag resolves to the
     embedded default through the teacher cache, trains, and the held-out KL and the mean per-layer
     error fall. The embedded recipe is swapped for the tests' small one (already in the cache):
-    the real one takes 10 minutes to build on 2 cores, the build itself is tested on a micro
+    the real one takes minutes to build (3.5 alone on 2 cores, 11 on one shared thread), the build itself is tested on a micro
     recipe (test_teachers.py) and the real one is measured in docs/zoo.md. (Not every layer's
     error falls: 120 of the 150 steps run freely on the logit KL alone, which does not ask any one
     layer to match its teacher.)"""
