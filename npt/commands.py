@@ -24,7 +24,7 @@ from .architecture import decoder_layers, gate_weight, resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, heldout_blocks, open_source
 from .errors import NPTError
-from .evaluate import evaluate, measure_greedy
+from .evaluate import attribution_table, evaluate, layer_attribution, measure_greedy
 from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
@@ -79,6 +79,7 @@ class EvalArguments:
     output_json: str | None = HfArg(default=None, help="Where the numbers go (default: <adapter>/eval.json).")
     greedy_prompts: int = HfArg(default=16, help="Prompts (the first 32 tokens of blocks) whose greedy continuations are compared; 0: none.")
     greedy_tokens: int = HfArg(default=32, help="Tokens generated per prompt for the greedy match.")
+    layer_attribution: bool = HfArg(default=False, help="Also the KL and perplexity ratio with each converted layer reverted to its teacher layer, and with it alone converted (2 evaluations per layer).")
 
 
 def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: bool, load_args: LoadArguments) -> dict:
@@ -88,11 +89,16 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     blocks = heldout_blocks(open_source(data), tokenizer, data, every_document=every)
     result = evaluate(npt, blocks.to(npt.device), args.eval_batch_size)
     samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens) if args.greedy_prompts else []
+    attribution = layer_attribution(npt, blocks.to(npt.device), args.eval_batch_size) if args.layer_attribution else None
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
               "blocks": len(blocks), "max_length": data.max_length} | result.record() | {"greedy_samples": samples}
+    if attribution is not None:
+        report["layer_attribution"] = attribution
     out = Path(args.output_json) if args.output_json else folder / "eval.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(result.table())
+    if attribution is not None:
+        print("\n" + attribution_table(attribution, result))
     print(f"\nWritten: {out}")
     return report
 

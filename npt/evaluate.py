@@ -14,6 +14,9 @@ Generating (`greedy_match`): from held-out prompts, teacher and student each con
 `new_tokens` tokens; the match is the number of leading tokens that are identical (new_tokens:
 the same continuation), averaged over prompts. A student can sit close to its teacher's
 perplexity and still part ways at the first generated token; this is what a user sees.
+Layer attribution (`layer_attribution`): the KL and perplexity ratio with one converted layer run
+as its teacher layer (the others NPT), and with that layer the only NPT layer; a student trained
+freely co-adapts its layers, so reverting one can raise the KL rather than lower it.
 Padding is excluded everywhere. `evaluate_sums` returns sums so that processes can add theirs.
 """
 
@@ -185,6 +188,26 @@ def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, att
         return finalize(all_reduce_sum(sums), list(npt_model.npt_layers))
     finally:
         npt_model.train(was_training)
+
+
+def layer_attribution(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8) -> list[dict]:
+    """Per converted layer: the free-running KL and perplexity ratio with it reverted to its
+    teacher layer, and with it alone converted (one evaluation each, 2 n in all)."""
+    rows, layers = [], list(npt_model.npt_layers)
+    for i in layers:
+        with npt_model.converted_only(set(layers) - {i}):
+            reverted = evaluate(npt_model, blocks, batch_size)
+        with npt_model.converted_only({i}):
+            alone = evaluate(npt_model, blocks, batch_size)
+        rows.append({"layer": i, "kl_reverted": reverted.kl, "ratio_reverted": reverted.ppl_ratio, "kl_alone": alone.kl, "ratio_alone": alone.ppl_ratio})
+    return rows
+
+
+def attribution_table(rows: list[dict], result: EvalResult) -> str:
+    lines = [f"Layer attribution (every layer NPT: KL {result.kl:.4f}, ratio {result.ppl_ratio:.4f})", "",
+             "| layer | KL, this layer reverted | ratio, reverted | KL, this layer alone | ratio, alone |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['kl_reverted']:.4f} | {r['ratio_reverted']:.4f} | {r['kl_alone']:.4f} | {r['ratio_alone']:.4f} |" for r in rows]
+    return "\n".join(lines)
 
 
 @torch.no_grad()

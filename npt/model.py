@@ -227,23 +227,25 @@ class NPTModel(nn.Module):
             layer.npt_enabled = enabled
 
     @contextlib.contextmanager
-    def lowest_converted(self, count: int):
-        """Inside this block only the lowest `count` converted layers run as NPT layers, the rest
-        as teacher layers (a progressive conversion's stage)."""
+    def converted_only(self, indices):
+        """Inside this block only the converted layers in `indices` (layer indices) run as NPT
+        layers, the rest as teacher layers; a layer already in teacher mode stays so."""
         previous = {i: layer.npt_enabled for i, layer in self.npt_layers.items()}
-        for rank, (i, layer) in enumerate(sorted(self.npt_layers.items())):
-            layer.npt_enabled = previous[i] and rank < count
+        for i, layer in self.npt_layers.items():
+            layer.npt_enabled = previous[i] and i in indices
         try:
             yield self
         finally:
             for i, layer in self.npt_layers.items():
                 layer.npt_enabled = previous[i]
 
-    @contextlib.contextmanager
+    def lowest_converted(self, count: int):
+        """Only the lowest `count` converted layers run as NPT layers (a progressive conversion's stage)."""
+        return self.converted_only(set(sorted(self.npt_layers)[:count]))
+
     def teacher_mode(self):
         """Run the original (teacher) layers inside this block."""
-        with self.lowest_converted(0):
-            yield self
+        return self.converted_only(set())
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

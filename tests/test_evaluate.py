@@ -152,3 +152,26 @@ def test_greedy_match_of_a_perturbed_student_equals_a_hand_count():
     assert [smp["identical_tokens"] for smp in samples] == hand
     assert match == pytest.approx(sum(hand) / 6) and 0 < match < 12
     assert leading_matches(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 9, 4]])).tolist() == [2]
+
+
+def test_layer_attribution_reverts_each_layer_and_converts_each_alone():
+    """Against models converted on the layer subsets themselves (same adapters): reverting layer 0
+    of a "0,2" student is the student converted at 2 only, and so on; a single converted layer
+    reverted is the teacher (KL 0)."""
+    from npt.evaluate import layer_attribution
+
+    x = torch.randint(1, 128, (4, 10), generator=torch.Generator().manual_seed(3))
+    npt = NPTModel.convert(tiny_model(seed=1), "0,2", rank=4)
+    randomize_adapters(npt)
+    rows = layer_attribution(npt, x, batch_size=2)
+    assert [r["layer"] for r in rows] == [0, 2]
+    assert all(layer.npt_enabled for layer in npt.npt_layers.values())  # restored
+    state = npt.adapter_state_dict()
+    for keep in (0, 2):
+        single = NPTModel.convert(tiny_model(seed=1), str(keep), rank=4)
+        single.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(f"layers.{keep}.")})
+        res = evaluate(single, x, batch_size=2)
+        assert rows[[0, 2].index(keep)]["kl_alone"] == pytest.approx(res.kl, rel=1e-5) and res.kl > 1e-4
+        assert rows[1 - [0, 2].index(keep)]["kl_reverted"] == pytest.approx(res.kl, rel=1e-5)
+        assert rows[1 - [0, 2].index(keep)]["ratio_reverted"] == pytest.approx(res.ppl_ratio, rel=1e-5)
+        assert layer_attribution(single, x, batch_size=2)[0]["kl_reverted"] == pytest.approx(0.0, abs=1e-6)

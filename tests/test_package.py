@@ -56,9 +56,14 @@ def test_installed_commands_train_evaluate_generate_and_inject_from_outside_the_
     # ... and on other text: every document of a file
     other = work / "other.txt"
     other.write_text("".join(f"Line {i} of a text the run never saw, about files and lists of numbers.\n" for i in range(60)))
-    run(["npt-eval", "run/adapter", "--data_files", str(other), "--max_length", "32", "--eval_blocks", "4", "--output_json", "other.json"], installed, work)
+    proc = run(["npt-eval", "run/adapter", "--data_files", str(other), "--max_length", "32", "--eval_blocks", "4", "--output_json", "other.json",
+                "--layer_attribution"], installed, work)
     other_report = json.loads((work / "other.json").read_text())
     assert other_report["documents"] == "all" and other_report["blocks"] == 4 and other_report["kl"] > 0
+    # ... with each layer's share: one row per converted layer, printed and saved
+    rows = other_report["layer_attribution"]
+    assert [r["layer"] for r in rows] == list(range(len(rows))) and len(rows) == 3 and all(r["kl_alone"] >= 0 for r in rows)
+    assert "| layer | KL, this layer reverted |" in proc.stdout
 
     # generate: teacher and student side by side, the tokenizer found with the adapters
     proc = run(["npt-generate", "run/adapter", "--prompt", "Return the", "--max_new_tokens", "8"], installed, work)
