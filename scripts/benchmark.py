@@ -245,18 +245,22 @@ def time_contenders(spec: BenchSpec, rounds: int = 5, steps: int = 3, warmup: in
     # contenders that convert the model build on their own copy; the project step converts `model`
     built = {k: CONTENDERS[k](copy.deepcopy(model) if k not in ("teacher", "project") else model, spec)
              for k in (*(k for k in which if k not in ("teacher", "project")), "teacher", "project") if k in which}
-    contenders = {k: built[k] for k in which}
+    return alternate({k: built[k] for k in which}, x, spec.device, rounds, steps, warmup)
+
+
+def alternate(contenders: dict, x: torch.Tensor, device: str, rounds: int, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each contender, timed round by round in turn on the batch `x`."""
     for c in contenders.values():
         for _ in range(warmup):
             c.step(x)
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for key, c in contenders.items():
-            _sync(spec.device)
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 c.step(x)
-            _sync(spec.device)
+            _sync(device)
             times[key].append((time.perf_counter() - t0) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -474,19 +478,7 @@ def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int]], rounds: int = 5, s
     contenders = {"teacher": TeacherForward(model, spec)}
     for r, k in sizes:
         contenders[f"{r}x{k}"] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k))
-    for c in contenders.values():
-        for _ in range(warmup):
-            c.step(x)
-    times: dict[str, list[float]] = {key: [] for key in contenders}
-    for _ in range(rounds):
-        for key, c in contenders.items():
-            _sync(spec.device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                c.step(x)
-            _sync(spec.device)
-            times[key].append((time.perf_counter() - t0) / steps)
-    med = {key: statistics.median(v) for key, v in times.items()}
+    med = alternate(contenders, x, spec.device, rounds, steps, warmup)
     first = f"{sizes[0][0]}x{sizes[0][1]}"
     rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, {spec.dtype}, {spec.device}): the free-running step, side by side",
             "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step |", "|---|---|---|---|---|---|"]
