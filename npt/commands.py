@@ -87,18 +87,18 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     npt, tokenizer, folder = load(adapter, load_args)
     every = args.documents == "all" or (args.documents == "auto" and not own_data)
     blocks = heldout_blocks(open_source(data), tokenizer, data, every_document=every)
-    result = evaluate(npt, blocks.to(npt.device), args.eval_batch_size)
+    on_device = blocks.to(npt.device)
+    result = evaluate(npt, on_device, args.eval_batch_size)
     samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens) if args.greedy_prompts else []
-    attribution = layer_attribution(npt, blocks.to(npt.device), args.eval_batch_size) if args.layer_attribution else None
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
               "blocks": len(blocks), "max_length": data.max_length} | result.record() | {"greedy_samples": samples}
-    if attribution is not None:
-        report["layer_attribution"] = attribution
+    if args.layer_attribution:
+        report["layer_attribution"] = layer_attribution(npt, on_device, args.eval_batch_size)
     out = Path(args.output_json) if args.output_json else folder / "eval.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(result.table())
-    if attribution is not None:
-        print("\n" + attribution_table(attribution, result))
+    if args.layer_attribution:
+        print("\n" + attribution_table(report["layer_attribution"], result))
     print(f"\nWritten: {out}")
     return report
 

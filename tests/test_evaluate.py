@@ -166,12 +166,12 @@ def test_layer_attribution_reverts_each_layer_and_converts_each_alone():
     rows = layer_attribution(npt, x, batch_size=2)
     assert [r["layer"] for r in rows] == [0, 2]
     assert all(layer.npt_enabled for layer in npt.npt_layers.values())  # restored
-    state = npt.adapter_state_dict()
-    for keep in (0, 2):
+    by_layer, state = {r["layer"]: r for r in rows}, npt.adapter_state_dict()
+    for keep, other in ((0, 2), (2, 0)):
         single = NPTModel.convert(tiny_model(seed=1), str(keep), rank=4)
         single.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(f"layers.{keep}.")})
         res = evaluate(single, x, batch_size=2)
-        assert rows[[0, 2].index(keep)]["kl_alone"] == pytest.approx(res.kl, rel=1e-5) and res.kl > 1e-4
-        assert rows[1 - [0, 2].index(keep)]["kl_reverted"] == pytest.approx(res.kl, rel=1e-5)
-        assert rows[1 - [0, 2].index(keep)]["ratio_reverted"] == pytest.approx(res.ppl_ratio, rel=1e-5)
+        assert by_layer[keep]["kl_alone"] == pytest.approx(res.kl, rel=1e-5) and res.kl > 1e-4
+        assert by_layer[other]["kl_reverted"] == pytest.approx(res.kl, rel=1e-5)
+        assert by_layer[other]["ratio_reverted"] == pytest.approx(res.ppl_ratio, rel=1e-5)
         assert layer_attribution(single, x, batch_size=2)[0]["kl_reverted"] == pytest.approx(0.0, abs=1e-6)

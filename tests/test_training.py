@@ -208,10 +208,10 @@ def test_embedded_default_run_reduces_heldout_error_per_layer(tmp_path, trained_
     """The README's main command with its defaults (a shorter run): no model flag resolves to the
     embedded default through the teacher cache, trains, and the held-out KL and the mean per-layer
     error fall. The embedded recipe is swapped for the tests' small one (already in the cache):
-    the real one takes minutes to build (3.5 alone on 2 cores, 11 on one shared thread), the build itself is tested on a micro
-    recipe (test_teachers.py) and the real one is measured in docs/zoo.md. (Not every layer's
-    error falls: 120 of the 150 steps run freely on the logit KL alone, which does not ask any one
-    layer to match its teacher.)"""
+    the real one takes minutes to build (3.5 alone on 2 cores, 11 on one shared thread); the build
+    itself is tested on a micro recipe (test_teachers.py) and the real one is measured in
+    docs/zoo.md. (Not every layer's error falls: 120 of the 150 steps run freely on the logit KL
+    alone, which does not ask any one layer to match its teacher.)"""
     monkeypatch.setattr(teachers, "DEFAULT_RECIPE", TINY_RECIPE)
     out = tmp_path / "default"
     assert main(["--output_dir", str(out), "--max_steps", "150", "--eval_steps", "0", "--no-progress"]) == 0
@@ -220,7 +220,7 @@ def test_embedded_default_run_reduces_heldout_error_per_layer(tmp_path, trained_
     assert after["rel_error_mean"] < before["rel_error_mean"] - 0.01, (before["rel_error"], after["rel_error"])
     assert after["kl"] < 0.5 * before["kl"] and after["student_ppl"] < before["student_ppl"]
     built = json.loads((trained_teacher_dir / "build_info.json").read_text())["heldout_perplexity"]
-    assert after["teacher_ppl"] < 1.5 * built  # the cached, trained teacher (a random one: ~512)
+    assert built / 1.5 < after["teacher_ppl"] < 1.5 * built  # the cached, trained teacher (measured 33.1 against 32.4; a random one: ~512)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "npt-embedded-default"
 
