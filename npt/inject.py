@@ -3,7 +3,7 @@
 Running freely on a context, NPT layer i turns the attention output a_t at position t into the
 gate-weight delta
 
-    dW_i(t) = s * sum_j v_f[j](a_t) v_m[j](a_t)^T          [d_ffn, d_model]
+    dW_i(t) = gamma(a_t) W_g + s * sum_j v_f[j](a_t) v_m[j](a_t)^T          [d_ffn, d_model]
 
 (per token, never materialised while training). Injection takes that delta at chosen positions
 (their mean), scales it by alpha and adds it to W_g of layer i of the *base* model, which is then
@@ -48,8 +48,10 @@ def context_deltas(npt_model: NPTModel, input_ids: torch.Tensor, layers: list[in
     deltas = {}
     for i, layer in wanted.items():
         adapter = layer.adapter
-        v_m, v_f = adapter.vectors(records[i].attn[0, positions])  # [P, k, d_model], [P, k, d_ffn]
-        deltas[i] = adapter.scale * torch.einsum("pkf,pkd->fd", v_f, v_m) / len(positions)
+        attn = records[i].attn[0, positions]
+        v_m, v_f = adapter.vectors(attn)  # [P, k, d_model], [P, k, d_ffn]
+        gain = adapter.gamma(attn).mean() * layer.wiring.gate_weight(layer.layer).float()
+        deltas[i] = gain + adapter.scale * torch.einsum("pkf,pkd->fd", v_f, v_m) / len(positions)
     return deltas
 
 

@@ -36,6 +36,7 @@ class AdapterArguments:
     adapter_rank: int = HfArg(default=16, help="Adapter bottleneck rank r (A: d_model -> r).")
     num_ranks: int = HfArg(default=16, help="Number k of rank-1 gate modulations per token (the guide: 1; 16 is the measured default recipe).")
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
+    gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class NPTModel(nn.Module):
         num_ranks: int = AdapterArguments.num_ranks,
         modulation_scale: float = AdapterArguments.modulation_scale,
         base_model_name_or_path: str | None = None,
+        gate_gain: bool = AdapterArguments.gate_gain,
     ) -> "NPTModel":
         """Wrap the selected layers of `model` (in place) and freeze every base weight."""
         hf_config = model.config
@@ -86,7 +88,7 @@ class NPTModel(nn.Module):
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
         wrapped = {
-            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale).to(device=base_param.device, dtype=torch.float32),
+            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain).to(device=base_param.device, dtype=torch.float32),
                                i, wirings[i])
             for i in indices
         }
@@ -109,6 +111,7 @@ class NPTModel(nn.Module):
             rank=rank,
             num_ranks=num_ranks,
             modulation_scale=float(modulation_scale),
+            gate_gain=bool(gate_gain),
             dtype=dtype_name(base_param.dtype),
             model_type=getattr(hf_config, "model_type", ""),
             hidden_size=d_model,
@@ -156,6 +159,7 @@ class NPTModel(nn.Module):
             num_ranks=config.num_ranks,
             modulation_scale=config.modulation_scale,
             base_model_name_or_path=config.base_model_name_or_path,
+            gate_gain=config.gate_gain,
         )
         npt.load_adapter_state_dict(load_adapter_weights(adapter_dir))
         return npt
@@ -197,7 +201,7 @@ class NPTModel(nn.Module):
             raise NPTError(
                 f"Adapter weights do not fit this NPT model (missing {missing[:4]}, unexpected {unexpected[:4]}, "
                 f"wrong shape {wrong[:4]}).",
-                "Load adapters saved for the same base model, layers, rank and number of rank-1 terms.",
+                "Load adapters saved for the same base model, layers, rank, number of rank-1 terms and --gate_gain.",
             )
         for i, layer in self.npt_layers.items():
             for name, param in layer.adapter.state_dict().items():

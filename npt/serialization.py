@@ -1,8 +1,9 @@
 """Adapter files: the adapters alone (safetensors) and the JSON that says how to rebuild them.
 
     adapter_model.safetensors   tensors `layers.<i>.A.weight` [r, d_model], `layers.<i>.B_m.weight`
-                                [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r], and the scalar
-                                multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32)
+                                [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r], with `gate_gain`
+                                `layers.<i>.gain.weight` [1, r] and `.gain.bias` [1], and the
+                                scalar multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32)
     adapter_config.json         `"adapter_type": "npt"`, the base model, layers, r, k, s, shapes,
                                 and the sha256 of the weights file
 
@@ -42,6 +43,7 @@ class NPTConfig:
     rank: int
     num_ranks: int
     modulation_scale: float = 1.0
+    gate_gain: bool = False  # files written before the gain existed have none
     dtype: str = "float32"
     model_type: str = ""
     hidden_size: int = 0
@@ -62,6 +64,7 @@ class NPTConfig:
             "layers": list(self.layers),
             "rank": self.rank,
             "num_ranks": self.num_ranks,
+            "gate_gain": self.gate_gain,
         }
 
 
@@ -124,7 +127,8 @@ MLP's gate weights. It is not a model (AutoModelForCausalLM cannot load it) and 
 - `adapter_config.json`: the base model (`base_model_name_or_path`), the converted layers, rank r,
   number of rank-1 terms k, modulation scale, shapes, format version, sha256 of the weights.
 - `adapter_model.safetensors`: per layer i, `layers.<i>.A.weight` [r, d_model],
-  `layers.<i>.B_m.weight` [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r] and the scalar
+  `layers.<i>.B_m.weight` [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r], the gain
+  `layers.<i>.gain.weight` [1, r] and `gain.bias` [1] (when `gate_gain` is true) and the scalar
   multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32.
 - the base model's tokenizer files.
 

@@ -174,7 +174,8 @@ def setup(cfg: Config) -> Run:
     base = cfg.model.model_name or EMBEDDED_NAME
     if Path(base).expanduser().exists():  # a local folder: recorded so that the adapters load from anywhere
         base = str(Path(base).expanduser().resolve())
-    npt = NPTModel.convert(model, a.npt_layers, a.adapter_rank, a.num_ranks, a.modulation_scale, base_model_name_or_path=base)
+    npt = NPTModel.convert(model, a.npt_layers, a.adapter_rank, a.num_ranks, a.modulation_scale, base_model_name_or_path=base,
+                          gate_gain=a.gate_gain)
     npt.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
 
     # data: a built-in teacher's own corpus unless a dataset is given

@@ -64,10 +64,29 @@ def test_adapter_file_of_the_default_model_holds_the_adapters_only(tmp_path):
 
     with safe_open(str(tmp_path / ADAPTER_WEIGHTS), "pt") as f:
         names = list(f.keys())
-    assert sorted({n.split(".", 2)[2] for n in names}) == ["A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m"], names
+    assert sorted({n.split(".", 2)[2] for n in names}) == ["A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m", "gain.bias", "gain.weight"], names
     # k = r = 16 on this 1.3M-parameter teacher: the adapters are about half its size (on a
     # Llama-3.2-1B they would be 3.4%); the file must still be far from a copy of the model.
     assert size < 0.6 * base_bytes
+
+
+def test_adapters_without_a_gain_load_as_written_before_it_existed(tmp_path):
+    """A file from before the gate gain (no `gate_gain` key, no gain tensors) rebuilds adapters
+    without one, computing exactly what it did."""
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, gate_gain=False)
+    randomize_adapters(npt, seed=2)
+    npt.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config.pop("gate_gain") is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    assert all(layer.adapter.gain is None for layer in loaded.npt_layers.values())
+    assert not any(".gain." in k for k in loaded.adapter_state_dict())
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+    with pytest.raises(NPTError, match="gate_gain"):  # a gained student cannot take these weights
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
 
 
 def test_damaged_or_mismatched_adapters_are_refused(tmp_path):

@@ -63,10 +63,12 @@ def _hand_npt_layer(name: str, layer, adapter, h: torch.Tensor, a: torch.Tensor,
     """The NPT layer written out for each family from the HF module's own parts (`modulated`
     False: without the gate delta)."""
     v_m, v_f = adapter.vectors(a)
+    z = adapter.c_a * a @ adapter.A.weight.T
+    gamma = (adapter.gain.bias + z @ adapter.gain.weight[0] / adapter.rank**0.5).unsqueeze(-1)  # the gain on W_g
 
     def gated(x, gate, up, act):
-        delta = adapter.scale * torch.einsum("...k,...kf->...f", torch.einsum("...kd,...d->...k", v_m, x), v_f) * modulated
-        return layer.mlp.down_proj(act(gate + delta) * up)
+        delta = adapter.scale * torch.einsum("...k,...kf->...f", torch.einsum("...kd,...d->...k", v_m, x), v_f)
+        return layer.mlp.down_proj(act(gate + (gamma * gate + delta) * modulated) * up)
 
     mlp = layer.mlp
     if name in ("gemma2", "gemma3"):  # sandwich: the MLP reads pre_feedforward_layernorm(h), its output is normed too

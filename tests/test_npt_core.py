@@ -53,7 +53,9 @@ def test_known_delta_gives_hand_computed_modulated_mlp():
         z = ad.c_a * ad.A.weight @ attn[0, t]
         v_m = (ad.c_m * ad.B_m.weight @ z).view(2, 32)
         v_f = (ad.c_f * ad.B_f.weight @ z).view(2, 64)
-        delta_w = 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))  # [d_ffn, d_model]
+        gamma = ad.gain.bias + ad.gain.weight[0] @ z / 3**0.5  # the gain, r = 3
+        w_g = layer.layer.mlp.gate_proj.weight
+        delta_w = gamma * w_g + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))  # [d_ffn, d_model]
         expected = h[0, t] + hand_mlp(layer.layer, x[0, t], delta_w @ x[0, t])
         torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(frob2[0, t], delta_w.pow(2).sum(), rtol=1e-4, atol=1e-6)
@@ -232,8 +234,8 @@ def test_fused_mlp_tail_gradient_equals_autograds():
     fused = torch.autograd.grad((out * weights).sum(), list(layer.adapter.parameters()))
     # the generic graph: the same computation written with plain autograd ops
     mlp, x = layer.layer.mlp, layer.layer.post_attention_layernorm(h)
-    delta, _ = layer.adapter(x, attn)
-    ref = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x) + delta) * mlp.up_proj(x))
+    gate, _ = layer.adapter(x, attn, mlp.gate_proj(x), mlp.gate_proj.weight)
+    ref = h + mlp.down_proj(mlp.act_fn(gate) * mlp.up_proj(x))
     torch.testing.assert_close(out, ref)
     generic = torch.autograd.grad((ref * weights).sum(), list(layer.adapter.parameters()))
     for a, b in zip(fused, generic):
