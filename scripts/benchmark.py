@@ -6,7 +6,7 @@
     python scripts/benchmark.py --model_name meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
     python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
-    python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16 --seq_len 64   # adapter sizes' step cost
+    python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16,16x16-nogain --seq_len 64   # adapter sizes' step cost
 
 For each shape: the teacher forward alone (the floor), the project's training step (forward,
 loss, backward, optimizer step) and a faithful re-creation of the original design, alternated
@@ -72,6 +72,7 @@ class BenchSpec:
     seq_len: int = 128
     rank: int = AdapterArguments.adapter_rank
     num_ranks: int = AdapterArguments.num_ranks
+    gate_gain: bool = AdapterArguments.gate_gain
     device: str = "cpu"
     dtype: str = "float32"
     loss_type: str = "improved_npt"
@@ -112,7 +113,7 @@ class ProjectStep:
     free_running = False
 
     def __init__(self, model, spec: BenchSpec):
-        self.npt = NPTModel.convert(model, "all", spec.rank, spec.num_ranks)
+        self.npt = NPTModel.convert(model, "all", spec.rank, spec.num_ranks, gate_gain=spec.gate_gain)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         randomize_adapters(self.npt, spec.seed + 1, scale=0.05)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
@@ -169,7 +170,7 @@ class OriginalStep:
     def __init__(self, model, spec: BenchSpec, adapters: dict | None = None):
         self.teacher = model
         student = copy.deepcopy(model)  # the second full copy of the weights
-        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks)
+        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, gate_gain=spec.gate_gain)
         if adapters is not None:
             self.student.load_adapter_state_dict(adapters)
         else:
@@ -217,7 +218,8 @@ def naive_npt_output(layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
     v_m, v_f = ad.vectors(attn)
     coef = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype))
     delta = ad.scale * torch.einsum("...k,...kf->...f", coef, v_f)
-    return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x) + delta.to(x.dtype)) * mlp.up_proj(x))
+    gate = mlp.gate_proj(x) * (1 + ad.gamma(attn).unsqueeze(-1)).to(x.dtype)  # the gain (zero without one)
+    return h + mlp.down_proj(mlp.act_fn(gate + delta.to(x.dtype)) * mlp.up_proj(x))
 
 
 CONTENDERS = {"teacher": TeacherForward, "project": ProjectStep, "original": OriginalStep, "free": FreeRunningStep,
@@ -422,7 +424,7 @@ class BenchArguments:
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     compare_ranks: str | None = dataclasses.field(default=None, metadata={
-        "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16), side by side"})
+        "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16; 16x16-nogain: without the gate gain), side by side"})
     memory_child: str | None = dataclasses.field(default=None, metadata={"help": argparse.SUPPRESS})
 
 
@@ -459,27 +461,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """'16x16,32x16' -> [(16, 16), (32, 16)]: adapter rank r x number of modulations k."""
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16.")
+def parse_sizes(text: str) -> list[tuple[int, int, bool]]:
+    """'16x16,32x16,16x16-nogain' -> [(16, 16, True), (32, 16, True), (16, 16, False)]: adapter rank
+    r x number of modulations k, with the gate gain unless the size ends in -nogain."""
+    sizes = []
+    for item in text.split(","):
+        size, _, suffix = item.strip().lower().partition("-")
+        try:
+            r, k = (int(v) for v in size.split("x"))
+        except ValueError:
+            r = k = 0
+        if min(r, k) < 1 or suffix not in ("", "nogain"):
+            raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16 (16x16-nogain: without the gate gain).")
+        sizes.append((r, k, suffix != "nogain"))
     return sizes
 
 
-def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int]], rounds: int = 5, steps: int = 3, warmup: int = 2) -> str:
+def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int, bool]], rounds: int = 5, steps: int = 3, warmup: int = 2) -> str:
     """The free-running step (the default recipe's dearer phase) at each adapter size, each on its
     own copy of the same model, alternated round by round on one batch, against the teacher forward."""
     model = build_model(spec)
     x = make_batch(model, spec)
     contenders = {"teacher": TeacherForward(model, spec)}
-    for r, k in sizes:
-        contenders[f"{r}x{k}"] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k))
+    names = [f"{r}x{k}" + ("" if gain else "-nogain") for r, k, gain in sizes]
+    for name, (r, k, gain) in zip(names, sizes):
+        contenders[name] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k, gate_gain=gain))
     med = alternate(contenders, x, spec.device, rounds, steps, warmup)
-    first = f"{sizes[0][0]}x{sizes[0][1]}"
+    first = names[0]
     rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, {spec.dtype}, {spec.device}): the free-running step, side by side",
             "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step |", "|---|---|---|---|---|---|"]
     tokens = spec.batch_size * spec.seq_len

@@ -74,6 +74,8 @@ def test_zeroed_adapters_give_the_attention_dropped_models_perplexity():
     with torch.no_grad():
         for layer in npt.npt_layers.values():
             layer.adapter.B_f.weight.zero_()  # no modulation: the NPT layer is h + MLP(Norm2(h))
+            layer.adapter.gain.weight.zero_()
+            layer.adapter.gain.bias.zero_()
     x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     res = evaluate(npt, x)
     dropped = tiny_model(seed=2)  # the same teacher with every attention output forced to zero
