@@ -109,7 +109,7 @@ class NPTAdapter(nn.Module):
         return self.gain(z * self.rank**-0.5).squeeze(-1)
 
     def forward(self, x: torch.Tensor | None, attn: torch.Tensor, gate: torch.Tensor | None = None,
-                w_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+                w_gate: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
         """The modulated gate (1 + gamma) W_g x + s * sum_j v_f[j] (v_m[j] . x), given `gate` = W_g x,
         and the per-token squared Frobenius norm of dW = gamma W_g + s * sum_j v_f[j] v_m[j]^T (the
         regulariser; `w_gate` = W_g is needed for it when there is a gain), without forming the
@@ -136,7 +136,7 @@ class NPTAdapter(nn.Module):
         outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
         delta = ((self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))).to(gate.dtype)
         modulated = gate + delta if gamma is None else gate * (1.0 + gamma.unsqueeze(-1)).to(gate.dtype) + delta
-        return modulated, self._frob2(z, gamma, w_gate)
+        return modulated, (self._frob2(z, gamma, w_gate) if regularizer else None)
 
     def _frob2(self, z: torch.Tensor, gamma: torch.Tensor | None = None, w_gate: torch.Tensor | None = None) -> torch.Tensor:
         low_rank = self._low_rank_frob2(z)
@@ -257,7 +257,10 @@ class NPTDecoderLayer(nn.Module):
         return self._npt_forward(hidden_states, **kwargs)
 
     def _npt_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.npt_output(hidden_states, self.attention(hidden_states, **kwargs))[0]
+        # HF's decoder loop passes one tensor on: a regulariser computed here would be dropped (the
+        # objective computes it from the recorded attention outputs), at the cost of its Gram and
+        # cross terms, as much again as the one kept
+        return self.npt_output(hidden_states, self.attention(hidden_states, **kwargs), regularizer=False)[0]
 
     def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`npt_output`, recomputed in backward when gradient checkpointing is on."""
@@ -291,19 +294,19 @@ class NPTDecoderLayer(nn.Module):
         is left alone: HF's loop, hooks and the teacher mode see the same module."""
         self.compiled_output = torch.compile(self._npt_output, **options)
 
-    def npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The NPT layer's output for input h and attention output a, and the per-token
-        regulariser (compiled after `compile_student()`)."""
-        return (self.compiled_output or self._npt_output)(hidden_states, attn)
+        regulariser (None when not asked for; compiled after `compile_student()`)."""
+        return (self.compiled_output or self._npt_output)(hidden_states, attn, regularizer)
 
-    def _npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`npt_output`, eager. When h does not require grad (teacher forcing), the frozen projections
         W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
         autograd node that keeps one d_ffn-wide tensor for its backward."""
         w, mlp = self.wiring, self.layer.mlp
         x = self.mlp_input(hidden_states)
         gate, up = self.gate_up(x)
-        gate, frob2 = self.adapter(x, attn, gate, self.wiring.gate_weight(self.layer))
+        gate, frob2 = self.adapter(x, attn, gate, self.wiring.gate_weight(self.layer), regularizer)
         act = w.activation(self.layer)
         if up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, or a trainable MLP
             tail = mlp.down_proj(act(gate) * up)
