@@ -30,9 +30,8 @@ that ratio on the small zoo teachers: its constant part b_g ends between -0.09 a
 turned down to 7-91% of itself, so the modulation carries more of the gate), its per-token
 part has a scale |g| / sqrt(r) of 0.03-0.45 (z has unit RMS); on the real SmolLM2-135M (top four
 layers) it stays small, b_g -0.05 to -0.18, |g| / sqrt(r) 0.02-0.06. On the zoo (docs/zoo.md) the default with the gain against without it:
-held-out KL 4-15% lower on every teacher. Its cost is the regulariser's cross term (k r d_model
-d_ffn per layer and step, whatever the batch): 1.21x the free-running step on the embedded shape
-(8 x 64 tokens), 1.25x on SmolLM2-135M's (4 x 64), CPU (docs/performance.md).
+held-out KL 4-15% lower on every teacher, at 1.2-1.35x the free-running step on CPU at small
+batches (docs/performance.md).
 """
 
 from __future__ import annotations
