@@ -89,16 +89,20 @@ class NPTAdapter(nn.Module):
         self.register_buffer("c_m", torch.tensor(rank**-0.5))
         self.register_buffer("c_f", torch.tensor((num_ranks * rank) ** -0.5))
 
+    def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
+        """z = c_a A a, in the adapter's own (fp32) dtype: what every output of the adapter reads."""
+        return self.c_a * self.A(attn.to(self.A.weight.dtype))
+
     def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""
-        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        z = self.bottleneck(attn)
         v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_model))
         v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_ffn))
         return v_m, v_f
 
     def gamma(self, attn: torch.Tensor) -> torch.Tensor:
         """The per-token gain [...] of W_g (zeros without --gate_gain), in the adapter's dtype."""
-        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        z = self.bottleneck(attn)
         gamma = self._gamma(z)
         return torch.zeros_like(z[..., 0]) if gamma is None else gamma
 
@@ -123,7 +127,7 @@ class NPTAdapter(nn.Module):
 
         `x` None: the regulariser alone (it depends on `attn` only). Called as the module, not as
         a method, so that a sharded (FSDP) adapter gathers its weights for it."""
-        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        z = self.bottleneck(attn)
         gamma = self._gamma(z)
         if x is None:
             return self._frob2(z, gamma, w_gate)
@@ -174,7 +178,7 @@ class NPTAdapter(nn.Module):
         """Set the multipliers on a sample of real tokens: x = Norm2(h), attention outputs, and
         the gate pre-activations W_g x. Only scales change; B_f stays zero, so the student still
         starts at "attention dropped"."""
-        z_rms = (self.c_a * self.A(attn.to(self.A.weight.dtype))).pow(2).mean().sqrt().item()
+        z_rms = self.bottleneck(attn).pow(2).mean().sqrt().item()
         if math.isfinite(z_rms) and z_rms > 0.0:
             self.c_a.div_(z_rms)
         v_m, _ = self.vectors(attn)
