@@ -31,7 +31,7 @@ from npt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> flags on top of the common ones (and the defaults: improved_npt, k=16 rank-1 terms, the
+# name -> flags on top of the common ones (and the defaults: improved_npt, k=32 rank-1 terms, the
 # last 60% of steps free-running with the logit KL). Plain MSE is the baseline loss; the guide's own
 # setting (k=1, teacher forcing only) is the baseline recipe.
 VARIANTS: dict[str, list[str]] = {
