@@ -60,10 +60,12 @@ def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkey
     assert 0 < agree < n  # the random adapters change some argmax tokens, not all
     assert res.top1_agreement == pytest.approx(agree / n)
     assert res.kl == pytest.approx(kl / n, rel=1e-4)
-    # standard errors over the 5 blocks: each block's mean is one sample
+    # standard errors over the 5 blocks: each block's mean is one sample. A KL of 1e-3 nats formed
+    # in float32 from terms of order 1 is good to about 1e-4 relative, and the variance of 5 blocks
+    # spread by 17% of their mean magnifies that: 2e-3 allows for it and still tells n - 1 from n (25%)
     for value, samples in ((res.kl_stderr, block_kl), (res.top1_stderr, block_agree)):
         mean = sum(samples) / 5
-        assert value == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in samples) / 4 / 5), rel=1e-4)
+        assert value == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in samples) / 4 / 5), rel=2e-3)
     assert res.teacher_ppl == pytest.approx(math.exp(t_nll / n), rel=1e-5)
     assert res.student_ppl == pytest.approx(math.exp(s_nll / n), rel=1e-5)
 
