@@ -22,7 +22,7 @@ from transformers.hf_argparser import HfArg
 
 from .architecture import decoder_layers, gate_weight, resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
-from .data import DataArguments, heldout_blocks, open_source
+from .data import DataArguments, block_convention, heldout_blocks, open_source
 from .errors import NPTError
 from .evaluate import attribution_table, evaluate, layer_attribution, measure_greedy
 from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
@@ -91,11 +91,12 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     result = evaluate(npt, on_device, args.eval_batch_size)
     samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens) if args.greedy_prompts else []
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
-              "blocks": len(blocks), "max_length": data.max_length} | result.record() | {"greedy_samples": samples}
+              "blocks": len(blocks), "max_length": data.max_length, "block_layout": block_convention(tokenizer)} | result.record() | {"greedy_samples": samples}
     if args.layer_attribution:
         report["layer_attribution"] = layer_attribution(npt, on_device, args.eval_batch_size)
     out = Path(args.output_json) if args.output_json else folder / "eval.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{len(blocks)} blocks of {data.max_length} tokens; {block_convention(tokenizer)}")
     print(result.table())
     if args.layer_attribution:
         print("\n" + attribution_table(report["layer_attribution"], result))

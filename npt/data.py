@@ -5,7 +5,11 @@ of them) or a hub dataset, streamed or not. Each document is assigned to the hel
 training by a hash of its text, so the two never share a document (nor a block, since blocks are
 packed separately), whatever the order, the seed or the number of processes. Documents are
 tokenised, joined with EOS and cut into fixed-length blocks; a buffer of blocks gives a
-deterministic shuffle. The whole stream position (documents read, leftover tokens, shuffle
+deterministic shuffle. When the tokenizer itself puts a BOS token in front of every text (Llama 3,
+Gemma, the built-in teachers; not SmolLM2), every block starts with BOS, as such models were
+trained and as llama.cpp's and lm-evaluation-harness's perplexities feed them: a block cut from the
+middle of a document gets BOS followed by `max_length - 1` tokens of the stream, a block that starts
+where a document starts keeps that document's own BOS (no second one). The whole stream position (documents read, leftover tokens, shuffle
 buffer, RNG) is a `state_dict`, so a resumed run sees exactly the batches it would have seen.
 """
 
@@ -253,28 +257,70 @@ def open_source(spec: DataArguments, seed: int = 0):
 # ---- tokenising and packing -------------------------------------------------------------------
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of every text it encodes (asked of the
+    tokenizer itself: its post-processor, or `add_bos_token`, whatever it is configured by)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+
+
+def block_convention(tokenizer) -> str:
+    """The block layout in words, for the banner and the reports."""
+    if adds_bos(tokenizer):
+        return f"every block starts with BOS {tokenizer.bos_token!r} (the tokenizer adds it to every text)"
+    return "blocks cut from the packed stream as they fall (the tokenizer adds no BOS)"
+
+
 class Packer:
-    """Tokenises documents and cuts the joined token stream into blocks of `block_len`."""
+    """Tokenises documents and cuts the joined token stream into blocks of `block_len`; with a
+    tokenizer that adds BOS, every block starts with it (see the module docstring)."""
 
     def __init__(self, tokenizer, block_len: int, docs_per_call: int = 64):
         if tokenizer.eos_token_id is None:
             raise NPTError("The tokenizer has no EOS token to separate documents.", "Use a tokenizer with an eos_token.")
         self.tokenizer, self.block_len, self.docs_per_call = tokenizer, block_len, docs_per_call
         self.eos = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         self.carry: list[int] = []
+        self.last_added = 0  # stream tokens the last `add` appended
 
     def add(self, texts: list[str]) -> list[torch.Tensor]:
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        before = len(self.carry)
         for doc in ids:
             self.carry.extend(doc)
             if not doc or doc[-1] != self.eos:
                 self.carry.append(self.eos)
-        n = len(self.carry) // self.block_len
-        if n == 0:
-            return []
-        blocks = torch.tensor(self.carry[: n * self.block_len], dtype=torch.long).view(n, self.block_len)
-        del self.carry[: n * self.block_len]
-        return list(blocks)
+        self.last_added = len(self.carry) - before
+        return self._cut()
+
+    def _cut(self) -> list[torch.Tensor]:
+        L, carry = self.block_len, self.carry
+        if self.bos is None:
+            n = len(carry) // L
+            if n == 0:
+                return []
+            blocks = torch.tensor(carry[: n * L], dtype=torch.long).view(n, L)
+            del carry[: n * L]
+            return list(blocks)
+        rows, pos = [], 0
+        while pos < len(carry):
+            if carry[pos] == self.bos:  # a document starts here: its own BOS opens the block
+                if len(carry) - pos < L:
+                    break
+                rows.append(carry[pos : pos + L])
+                pos += L
+            else:
+                if len(carry) - pos < L - 1:
+                    break
+                rows.append([self.bos] + carry[pos : pos + L - 1])
+                pos += L - 1
+        del carry[:pos]
+        return list(torch.tensor(rows, dtype=torch.long)) if rows else []
 
     def blocks(self, docs: Iterator[str]) -> Iterator[torch.Tensor]:
         batch: list[str] = []
@@ -340,10 +386,8 @@ class TrainStream:
             if text and not is_heldout(text, self.spec.eval_fraction):
                 texts.append(text)
         if texts:
-            before = len(self.packer.carry)
-            blocks = self.packer.add(texts)
-            self.epoch_tokens += len(self.packer.carry) - before + len(blocks) * self.spec.max_length
-            self.buffer.extend(blocks)
+            self.buffer.extend(self.packer.add(texts))
+            self.epoch_tokens += self.packer.last_added
         if exhausted:
             self._end_epoch()
 
@@ -388,6 +432,7 @@ class TrainStream:
             "buffer": torch.stack(self.buffer) if self.buffer else torch.empty(0, self.spec.max_length, dtype=torch.long),
             "epoch_tokens": self.epoch_tokens,
             "generator": self.generator.get_state(),
+            "bos_blocks": self.packer.bos is not None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -396,6 +441,14 @@ class TrainStream:
             raise NPTError(
                 f"The checkpoint's data blocks have shape {tuple(buffer.shape)}, not [*, --max_length {self.spec.max_length}].",
                 "Resume with the original --max_length.",
+            )
+        saved_bos = bool(state.get("bos_blocks", False))  # states written before the convention packed without it
+        if saved_bos != (self.packer.bos is not None):
+            raise NPTError(
+                f"The checkpoint's data stream was packed {'with' if saved_bos else 'without'} a BOS token at every block start, "
+                f"this tokenizer {'adds' if self.packer.bos is not None else 'adds no'} BOS: resuming would change the data.",
+                "Resume with the tokenizer of the original run (a checkpoint from before every block started with BOS cannot "
+                "resume exactly: start a new run).",
             )
         self.source.load_state_dict(state["source"])
         self.packer.carry = state["carry"].tolist()

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_teacher, final_hidden
+from .capture import Prefix, capture_teacher, final_hidden, starting_at
 from .distributed import all_reduce_sum, evaluation_padding, is_sharded, world
 from .kl import LogitHead, next_token_sums
 from .model import NPTModel
@@ -129,10 +129,13 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
             per_layer[k, 1] += (t - h).pow(2).sum().double()
             per_layer[k, 2] += F.cosine_similarity(s - h, t - h, dim=-1, eps=1e-12).sum().double()
             per_layer[k, 3] += real.sum()
+        # the student starts from the teacher's hidden state below its lowest converted layer
+        prefix = Prefix.of(npt_model, records)
         if fused:
-            s_out = final_hidden(npt_model.model, x, mask)
+            s_out = final_hidden(npt_model.model, x, mask, prefix)
         else:
-            s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            with starting_at(npt_model.model, prefix):
+                s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
         per_row = next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
         counts = valid.sum(-1).double()

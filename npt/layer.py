@@ -162,10 +162,8 @@ class NPTAdapter(nn.Module):
         k, d, f, r = self.num_ranks, self.d_model, self.d_ffn, self.rank
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
-        # dots[j, l] = dots[l, j], so only pairs j <= l are computed (off-diagonal ones counted
-        # twice): a [tokens, r^2] x [r^2, k(k+1)/2] GEMM instead of [r^2] x [r^2, k^2]. Measured on
-        # the embedded default (k = r = 16, 8 x 128 tokens, 2 CPU threads), side by side: the
-        # regulariser's forward + backward 10.6 -> 7.6 ms per layer, a free-running step 161 -> 150 ms.
+        # dots[j, l] = dots[l, j], so only pairs j <= l enter (off-diagonal ones counted twice): a
+        # [tokens, r^2] x [r^2, k(k+1)/2] GEMM instead of [r^2] x [r^2, k^2]
         a, b = torch.triu_indices(k, k, device=z.device)
         twice = (a != b).to(z.dtype) + 1.0
         zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., r^2]
@@ -193,7 +191,27 @@ class NPTAdapter(nn.Module):
 
 def _pair_gram(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[r^2, P]: the Gram blocks B[j]^T B[l] of w = [k, n, r] for the index pairs (a, b)."""
-    return torch.einsum("jnr,lns->jlrs", w, w)[a, b].flatten(1).transpose(0, 1)
+    k, n, r = w.shape
+    gram = _Gram.apply(w.permute(1, 0, 2).reshape(n, k * r)).view(k, r, k, r).transpose(1, 2)  # [j, l, r, s]
+    return gram[a, b].flatten(1).transpose(0, 1)
+
+
+class _Gram(torch.autograd.Function):
+    """M^T M for M = [n, c], with the backward of a symmetric product: d M = M (G' + G'^T), one
+    GEMM where autograd's generic matmul backward takes two (one per operand). Splitting the
+    product into triangular blocks, to skip the pairs j > l in the forward too, was measured slower
+    on CPU (small GEMMs and the copies they need)."""
+
+    @staticmethod
+    def forward(ctx, m):
+        ctx.save_for_backward(m)
+        return m.transpose(0, 1) @ m
+
+    @staticmethod
+    def backward(ctx, grad):
+        # under autocast the forward multiplied in the autocast dtype (grad's); the backward does too
+        (m,) = ctx.saved_tensors
+        return (m.to(grad.dtype) @ (grad + grad.transpose(0, 1))).to(m.dtype)
 
 
 class NPTDecoderLayer(nn.Module):

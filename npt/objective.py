@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import LayerRecord, capture_teacher, run_student
+from .capture import LayerRecord, Prefix, capture_teacher, run_student
 from .distributed import all_reduce_sum, world
 from .kl import LogitHead, real_tokens, softened_kl
 from .losses import LayerTensors, LossOutput, NPTLoss
@@ -42,6 +42,7 @@ class EquivalenceObjective(nn.Module):
         self.loss = loss
         cfg = loss.cfg
         self.sharded = sharded
+        self.reuse_prefix = True  # free-running steps start at the lowest converted layer (False: at the embeddings, same result)
         self.normalize = cfg.loss_normalization == "update"
         layers = npt_model.npt_config.layers
         self.penalty_pairs = [(i, i + 1) for i in layers if i + 1 in layers][:: cfg.gradient_penalty_every]
@@ -89,7 +90,8 @@ class EquivalenceObjective(nn.Module):
         stop_early = not self.sharded
         records, t_final = capture_teacher(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early)
         if free_running:
-            runs, s_final = run_student(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early)
+            runs, s_final = run_student(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early,
+                                        prefix=Prefix.of(self.npt, records) if self.reuse_prefix else None)
             students = {idx: rec.outputs for idx, rec in runs.items()}
             layers = self.npt.npt_layers
             frob2s = {idx: layers[idx](None, npt_regularizer_of=rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}

@@ -71,7 +71,8 @@ class TeacherRecipe:
         for f in ("architecture", "num_kv_heads", "corpus", "tie_embeddings", "sliding_window"):
             if fields[f] == TeacherRecipe.__dataclass_fields__[f].default:
                 del fields[f]
-        blob = json.dumps(fields, sort_keys=True) + corpus_hash + "v1"
+        # v2: trained on blocks that each start with BOS (data.Packer), as the suite feeds them
+        blob = json.dumps(fields, sort_keys=True) + corpus_hash + "v2"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def model_config(self, tokenizer):
@@ -130,8 +131,9 @@ ZOO: dict[str, TeacherRecipe] = {
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
 
-def train_tokenizer(docs: list[str], vocab_size: int):
-    """Byte-level BPE with <s> prepended to every document, like Llama's tokenizers."""
+def train_tokenizer(docs: list[str], vocab_size: int, add_bos: bool = True):
+    """Byte-level BPE with <s> prepended to every document, like Llama's tokenizers (`add_bos`
+    False: none, like SmolLM2's)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -143,7 +145,8 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     )
     tok.train_from_iterator(docs, trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

@@ -37,7 +37,7 @@ from . import logs
 from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
 from .config import Config
 from .corpus import PREFIX as CORPUS_PREFIX
-from .data import TrainStream, heldout_blocks, open_source
+from .data import TrainStream, block_convention, heldout_blocks, open_source
 from .divergence import DivergencePolicy
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
@@ -270,7 +270,8 @@ def banner(run: Run) -> None:
         f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",
         f"model       {npt.npt_config.base_model_name_or_path} ({hc.model_type}, {hc.num_hidden_layers} layers, hidden {hc.hidden_size}); "
         f"NPT layers {npt.npt_config.layers}, r={npt.npt_config.rank}, k={npt.npt_config.num_ranks}",
-        f"data        {run.data_name}: blocks of {cfg.data.max_length} tokens, {len(run.eval_blocks)} held-out blocks",
+        f"data        {run.data_name}: blocks of {cfg.data.max_length} tokens, {len(run.eval_blocks)} held-out blocks; "
+        f"{block_convention(run.tokenizer)}",
         f"device      {acc.device}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if cfg.run.fsdp else ''}, "
         f"{base_dtype} weights, mixed precision {acc.mixed_precision}",
         f"batch       {cfg.optim.batch_size} blocks x {cfg.optim.gradient_accumulation_steps} accumulation x {world} = {blocks} blocks "
@@ -524,6 +525,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "unrecovered_divergences": p.unrecovered,
         "processes": acc.num_processes,
         "mixed_precision": acc.mixed_precision,
+        "block_layout": block_convention(run.tokenizer),
         "adapter_sha256_per_process": digests,
         "warnings": dict(run.monitor.fired),
         "healthy_signs": run.monitor.healthy_summary(),

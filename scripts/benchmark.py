@@ -7,6 +7,8 @@
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
     python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
     python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16,16x16-nogain --seq_len 64   # adapter sizes' step cost
+    python scripts/benchmark.py --shapes smollm2-135m --npt_layers 26-29 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
+    python scripts/benchmark.py --shapes gemma3-270m --npt_layers 16-17 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
 
 For each shape: the teacher forward alone (the floor), the project's training step (forward,
 loss, backward, optimizer step) and a faithful re-creation of the original design, alternated
@@ -16,6 +18,10 @@ contender's matmul work is counted and printed as GFLOP/s next to this machine's
 rate, measured in the same process and dtype on the shape's own MLP matmul: on small shapes the
 FLOP count says little about the step, the fraction of the measured rate says how far each is
 from what the hardware does on its largest matmul.
+
+`free_full` is the free-running step as it was before the student reused the teacher's prefix
+(it runs every layer from the embeddings; the result is the same, bit for bit): with only the upper
+layers converted (`--npt_layers`), `free` against `free_full` is what the reuse saves.
 
 The original design held two full model copies (teacher and student), took its targets from
 `output_hidden_states` (a full forward with logits), ran every student layer completely (its
@@ -42,9 +48,10 @@ import sys
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from npt.architecture import decoder_layers
+from npt.architecture import decoder_layers, resolve_layers
+from npt.config import Parser
 from npt.kl import real_tokens
 from npt.loading import DTYPES, load_model
 from npt.losses import LayerTensors, LossConfig, NPTLoss
@@ -60,6 +67,9 @@ SHAPES = {
     # SmolLM2-135M's shape (random weights): 30 layers, vocabulary 49152, tied head
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0),
+    # Gemma-3-270M's shape (random weights, Llama layers): 18 layers of hidden 640, a 262k vocabulary
+    "gemma3-270m": dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, tie_word_embeddings=True),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0),
 }
@@ -73,6 +83,8 @@ class BenchSpec:
     rank: int = AdapterArguments.adapter_rank
     num_ranks: int = AdapterArguments.num_ranks
     gate_gain: bool = AdapterArguments.gate_gain
+    modulation_scale: float = AdapterArguments.modulation_scale
+    npt_layers: str = AdapterArguments.npt_layers
     device: str = "cpu"
     dtype: str = "float32"
     loss_type: str = "improved_npt"
@@ -112,12 +124,15 @@ class ProjectStep:
     name = "project step"
     free_running = False
 
+    reuse_prefix = True
+
     def __init__(self, model, spec: BenchSpec):
-        self.npt = NPTModel.convert(model, "all", spec.rank, spec.num_ranks, gate_gain=spec.gate_gain)
+        self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         randomize_adapters(self.npt, spec.seed + 1, scale=0.05)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
         self.objective = EquivalenceObjective(self.npt, loss)
+        self.objective.reuse_prefix = self.reuse_prefix
         self.opt = torch.optim.AdamW(list(self.npt.adapter_parameters()), lr=1e-4)
         self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
         self.dtype = DTYPES[spec.dtype]
@@ -141,6 +156,14 @@ class FreeRunningStep(ProjectStep):
 
     name = "project step, free-running + logit KL"
     free_running = True
+
+
+class FreeRunningStepFull(FreeRunningStep):
+    """The free-running step with the student run from the embeddings, as before it reused the
+    teacher's hidden state below the lowest converted layer (same result)."""
+
+    name = "project step, free-running + logit KL, from the embeddings"
+    reuse_prefix = False
 
 
 class ProjectStepBF16(ProjectStep):
@@ -170,7 +193,9 @@ class OriginalStep:
     def __init__(self, model, spec: BenchSpec, adapters: dict | None = None):
         self.teacher = model
         student = copy.deepcopy(model)  # the second full copy of the weights
-        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, gate_gain=spec.gate_gain)
+        if spec.npt_layers != "all":
+            raise SystemExit("--contenders original re-creates a design that converted every layer: drop --npt_layers (or 'original').")
+        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain)
         if adapters is not None:
             self.student.load_adapter_state_dict(adapters)
         else:
@@ -223,7 +248,7 @@ def naive_npt_output(layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
 
 
 CONTENDERS = {"teacher": TeacherForward, "project": ProjectStep, "original": OriginalStep, "free": FreeRunningStep,
-              "project_bf16": ProjectStepBF16, "free_bf16": FreeRunningStepBF16}
+              "free_full": FreeRunningStepFull, "project_bf16": ProjectStepBF16, "free_bf16": FreeRunningStepBF16}
 FLOPS_AS = {"project_bf16": "project", "free_bf16": "free"}  # the same matmul work as
 
 
@@ -332,13 +357,17 @@ def model_config(spec: BenchSpec):
 
 def step_flops(spec: BenchSpec) -> dict[str, float]:
     """Matmul FLOPs of one step of each contender: the teacher forward (decoder layers, no LM
-    head), the project's teacher-forced step (plus the student MLP forward, its input-gradient
-    backward, the adapter), the original design (its student attention again, every backward
-    through it) and the free-running step (teacher and student forwards, the student's
-    input-gradient backward through every layer, the LM head for the logit KL)."""
+    head), the project's teacher-forced step (plus, per converted layer, the student MLP forward,
+    its input-gradient backward, the adapter), the original design (its student attention again,
+    every backward through it) and the free-running step (teacher and student forwards, the
+    student's input-gradient backward from the lowest converted layer up, the LM head for the
+    logit KL; `free` starts the student at the lowest converted layer, `free_full` at the
+    embeddings)."""
     c = model_config(spec)
     n = spec.batch_size * spec.seq_len
     d, f, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    converted = resolve_layers(spec.npt_layers, L)
+    C, S = len(converted), L - min(converted)  # converted layers; layers from the lowest converted one up
     hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
     attn_proj = 2 * n * d * (2 * q + 2 * kv)
@@ -347,13 +376,15 @@ def step_flops(spec: BenchSpec) -> dict[str, float]:
     adapter = 2 * n * (d * spec.rank + d * spec.num_ranks * spec.rank + spec.num_ranks * spec.rank * f)
     layer = attn_proj + attn_scores + mlp
     teacher = L * layer
-    student_tf = L * (mlp + 2 * n * d * f + 3 * adapter)  # forward MLP, backward through W_d, adapter fwd + bwd
+    student_tf = C * (mlp + 2 * n * d * f + 3 * adapter)  # forward MLP, backward through W_d, adapter fwd + bwd
     # the original: the student layer again (attention included), backward through all of it
-    original = teacher + L * (layer + 3 * adapter + (attn_proj + 2 * attn_scores + mlp))
+    original = teacher + C * (layer + 3 * adapter + (attn_proj + 2 * attn_scores + mlp))
     head = 2 * n * d * V
-    # free-running: student forward + input-gradient backward (~ the forward's matmuls, scores twice), teacher and student heads, head backward
-    free = teacher + L * (layer + 3 * adapter + attn_proj + 2 * attn_scores + mlp) + 3 * head
-    return {"teacher": teacher, "project": teacher + student_tf, "original": original, "free": free}
+    # free-running: student forward, its input-gradient backward (~ the forward's matmuls, scores
+    # twice) through the layers above the lowest converted one, teacher and student heads, head backward
+    backward = S * (attn_proj + 2 * attn_scores + mlp) + C * 2 * adapter
+    free = teacher + S * layer + C * adapter + backward + 3 * head
+    return {"teacher": teacher, "project": teacher + student_tf, "original": original, "free": free, "free_full": free + (L - S) * layer}
 
 
 def matmul_rate(spec: BenchSpec, dtype_name: str, repeats: int = 20) -> float:
@@ -380,7 +411,8 @@ def matmul_rate(spec: BenchSpec, dtype_name: str, repeats: int = 20) -> float:
 def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None, rates: dict[str, float] | None = None) -> str:
     tokens = spec.batch_size * spec.seq_len
     lines = [
-        f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, r={spec.rank}, k={spec.num_ranks}, {spec.device}, {spec.dtype}"
+        f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, NPT layers {spec.npt_layers}, r={spec.rank}, k={spec.num_ranks}, "
+        f"{'' if spec.gate_gain else 'no gate gain, '}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
         f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
@@ -400,6 +432,8 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
     for dtype, rate in (rates or {}).items():
         lines.append(f"Dense matmul rate measured here ({dtype}, [{tokens} x {model_config(spec).hidden_size}] @ "
                      f"[{model_config(spec).hidden_size} x {model_config(spec).intermediate_size}]): {rate / 1e9:.1f} GFLOP/s.")
+    if "free_full" in times and "free" in times:
+        lines.append(f"Free-running step started at the lowest converted layer vs from the embeddings: {times['free_full'] / times['free']:.2f}x the tokens/s.")
     if "original" in times:
         mem_ratio = f", {memory['project'] / memory['original']:.2f}x its peak memory" if memory else ""
         lines.append(f"Project vs original: {times['original'] / times['project']:.2f}x the tokens/s{mem_ratio}.")
@@ -419,8 +453,8 @@ class BenchArguments:
     steps: int = 3
     no_memory: bool = dataclasses.field(default=False, metadata={"help": "skip the per-contender memory processes"})
     contenders: str = dataclasses.field(default="teacher,project,original,free", metadata={
-        "help": "comma-separated; 'free' is the default recipe's free-running step with the logit KL, 'project_bf16' and 'free_bf16' the same under "
-                "bfloat16 autocast (teacher and project are always run)"})
+        "help": "comma-separated; 'free' is the default recipe's free-running step with the logit KL, 'free_full' the same run from the embeddings "
+                "(as before the teacher's prefix was reused), 'project_bf16' and 'free_bf16' under bfloat16 autocast (teacher and project are always run)"})
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     compare_ranks: str | None = dataclasses.field(default=None, metadata={
@@ -429,20 +463,15 @@ class BenchArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser([BenchArguments, AdapterArguments], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    args, adapter = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    args, adapter = parse(argv)
     if args.memory_child:  # one contender's memory, in this fresh process
         job = json.loads(args.memory_child)
         print(json.dumps(measure_memory_here(BenchSpec(**job["spec"]), job["contender"])))
         return 0
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     shapes = [args.model_name] if args.model_name else args.shapes.split(",")
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads\n")
     for shape in shapes:
-        small = shape == "embedded"
-        spec = BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
-                         rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, device=args.device, dtype=dtype,
-                         gradient_checkpointing=args.gradient_checkpointing)
+        spec = spec_for(shape, args, adapter)
         if args.compare_ranks:
             print(rank_costs(spec, parse_sizes(args.compare_ranks), args.rounds, args.steps))
             continue
@@ -459,6 +488,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             print(scaling(spec, args))
     return 0
+
+
+def parse(argv: list[str] | None) -> tuple[BenchArguments, AdapterArguments]:
+    parser = Parser([BenchArguments, AdapterArguments], prog="scripts/benchmark.py", description=__doc__)  # the commands' own flags (--no-gate_gain)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parsed = parser.parse_into(argv)
+    args, adapter = parsed[BenchArguments], parsed[AdapterArguments]
+    check_adapter_flags(adapter)
+    return args, adapter
+
+
+def spec_for(shape: str, args: BenchArguments, adapter: AdapterArguments) -> BenchSpec:
+    """The benchmark of one shape, with every adapter flag the command line gave."""
+    small = shape == "embedded"
+    return BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
+                     rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain,
+                     modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, device=args.device,
+                     dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
+                     gradient_checkpointing=args.gradient_checkpointing)
+
+
+def check_adapter_flags(adapter: AdapterArguments) -> None:
+    """Every adapter flag is honoured (r, k, the gain, the scale, the layers) but the initialisation:
+    the benchmark draws random adapters, so --adapter_init would change nothing, and is refused."""
+    if adapter.adapter_init != AdapterArguments.adapter_init:
+        raise SystemExit(f"--adapter_init {adapter.adapter_init}: the benchmark times random adapters, so the initialisation changes nothing; drop the flag.")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, bool]]:
@@ -487,26 +542,32 @@ def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int, bool]], rounds: int 
     for name, (r, k, gain) in zip(names, sizes):
         contenders[name] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k, gate_gain=gain))
     med = alternate(contenders, x, spec.device, rounds, steps, warmup)
+    rate = matmul_rate(spec, spec.compute_dtype)
     first = names[0]
     rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, {spec.dtype}, {spec.device}): the free-running step, side by side",
-            "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step |", "|---|---|---|---|---|---|"]
+            "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step | of the matmul rate |",
+            "|---|---|---|---|---|---|---|"]
     tokens = spec.batch_size * spec.seq_len
     for key, c in contenders.items():
         if key == "teacher":
             continue
+        (r, k, gain), = [size for size, n in zip(sizes, names) if n == key]
+        share = step_flops(dataclasses.replace(spec, rank=r, num_ranks=k))["free"] / med[key] / rate
         params = sum(p.numel() for p in c.npt.adapter_parameters())
-        rows.append(f"| {key} | {params:,} | {med[key]:.3f} | {tokens / med[key]:.0f} | {med[key] / med['teacher']:.2f} | {med[key] / med[first]:.2f} |")
+        rows.append(f"| {key} | {params:,} | {med[key]:.3f} | {tokens / med[key]:.0f} | {med[key] / med['teacher']:.2f} | {med[key] / med[first]:.2f} | {share:.0%} |")
+    rows += ["", f"Dense matmul rate measured here ({spec.compute_dtype}): {rate / 1e9:.1f} GFLOP/s."]
     return "\n".join(rows) + "\n"
 
 
 def scaling(spec: BenchSpec, args) -> str:
-    rows = ["| batch x seq | tokens/s (project step) | step / teacher forward | peak memory (MB) |", "|---|---|---|---|"]
+    rows = ["| batch x seq | tokens/s (project step) | step / teacher forward | of the matmul rate | peak memory (MB) |", "|---|---|---|---|---|"]
     grid = [(1, s) for s in (256, 512, 1024, 2048)] + [(b, 256) for b in (2, 4, 8)]
     for b, s in grid:
         sp = dataclasses.replace(spec, batch_size=b, seq_len=s)
         t = time_contenders(sp, args.rounds, max(1, args.steps - 1), warmup=1, which=("teacher", "project"))
         mem = "-" if args.no_memory else f"{measure_memory(sp, 'project'):.0f}"
-        rows.append(f"| {b} x {s} | {b * s / t['project']:.0f} | {t['project'] / t['teacher']:.2f} | {mem} |")
+        share = step_flops(sp)["project"] / t["project"] / matmul_rate(sp, sp.compute_dtype)
+        rows.append(f"| {b} x {s} | {b * s / t['project']:.0f} | {t['project'] / t['teacher']:.2f} | {share:.0%} | {mem} |")
     return f"Scaling of the project step ({spec.shape}):\n\n" + "\n".join(rows) + "\n"
 
 

@@ -79,3 +79,26 @@ def test_adapter_sizes_compared_side_by_side():
     for bad in ("16,32", "16x16-gain"):
         with pytest.raises(SystemExit, match="r x k"):
             bench.parse_sizes(bad)
+
+
+def test_every_adapter_flag_reaches_the_benchmark_or_is_refused():
+    args, adapter = bench.parse(["--shapes", "tiny", "--no-gate_gain", "--modulation_scale", "0.5", "--npt_layers", "1-2",
+                                 "--adapter_rank", "4", "--num_ranks", "2"])
+    spec = bench.spec_for("tiny", args, adapter)
+    assert (spec.gate_gain, spec.modulation_scale, spec.npt_layers, spec.rank, spec.num_ranks) == (False, 0.5, "1-2", 4, 2)
+    step = bench.FreeRunningStep(bench.build_model(spec), spec)
+    assert step.npt.npt_config.layers == [1, 2] and not step.npt.npt_config.gate_gain
+    assert step.npt.npt_config.modulation_scale == 0.5
+    with pytest.raises(SystemExit, match="--adapter_init default: the benchmark times random adapters"):
+        bench.parse(["--adapter_init", "default"])
+    with pytest.raises(SystemExit, match="converted every layer"):
+        bench.OriginalStep(bench.build_model(spec), spec)
+
+
+def test_the_free_running_step_from_the_embeddings_counts_the_layers_below_again():
+    spec = bench.BenchSpec(shape="gemma3-270m", batch_size=4, seq_len=64, npt_layers="16-17")
+    flops = bench.step_flops(spec)
+    n, d, f, hd = 256, 640, 2048, 256
+    layer = 2 * n * d * (2 * 4 * hd + 2 * 1 * hd) + 2 * 2 * 4 * 4 * hd * 64 * 65 / 2 + 2 * n * 3 * d * f
+    assert flops["teacher"] == pytest.approx(18 * layer)
+    assert flops["free_full"] - flops["free"] == pytest.approx(16 * layer)  # the 16 teacher layers below, run again

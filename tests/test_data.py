@@ -73,17 +73,92 @@ def test_heldout_blocks_and_training_stream_share_no_block(jsonl, tokenizer, str
     assert not any(tokenizer.decode(list(b)) in eval_ids for b in train_blocks)
 
 
-def test_packing_puts_eos_between_documents(tokenizer):
+@pytest.fixture(scope="module")
+def plain_tokenizer(docs):
+    """A tokenizer that adds no BOS (like SmolLM2's)."""
+    return train_tokenizer(docs, 300, add_bos=False)
+
+
+class WordTokenizer:
+    """Words to ids by a fixed table, BOS 1 in front of every text, EOS 2: block layouts by hand."""
+
+    bos_token, eos_token, bos_token_id, eos_token_id = "<s>", "</s>", 1, 2
+
+    def __init__(self, add_bos: bool = True):
+        self.add_bos = add_bos
+
+    def __call__(self, texts, add_special_tokens: bool = True):
+        one = isinstance(texts, str)
+        ids = [[1] * (self.add_bos and add_special_tokens) + [int(w) if w.isdigit() else 99 for w in t.split()] for t in ([texts] if one else texts)]
+        return {"input_ids": ids[0] if one else ids}
+
+
+def test_the_tokenizer_says_whether_it_adds_bos(tokenizer, plain_tokenizer):
+    from npt.data import adds_bos, block_convention
+
+    assert adds_bos(tokenizer) and not adds_bos(plain_tokenizer)
+    assert adds_bos(WordTokenizer()) and not adds_bos(WordTokenizer(add_bos=False))
+    assert "starts with BOS '<s>'" in block_convention(tokenizer)
+    assert "adds no BOS" in block_convention(plain_tokenizer)
+
+
+def test_every_block_starts_with_bos_when_the_tokenizer_adds_it():
     from npt.data import Packer
 
-    packer = Packer(tokenizer, 8)
+    # stream: <s> 10 11 12 13 14 </s> <s> 20 .. 28 </s>, blocks of 4
+    packer = Packer(WordTokenizer(), 4)
+    blocks = [b.tolist() for b in packer.add(["10 11 12 13 14", " ".join(str(i) for i in range(20, 29))])]
+    assert blocks == [
+        [1, 10, 11, 12],  # a document starts here: its own BOS, no second one
+        [1, 13, 14, 2],  # cut mid-document: BOS + 3 tokens of the stream
+        [1, 20, 21, 22],
+        [1, 23, 24, 25],
+        [1, 26, 27, 28],
+    ]
+    assert packer.carry == [2]  # left for the next call, then [BOS, 2, ...]
+    assert [b.tolist() for b in packer.add(["30 31"])] == [[1, 2, 1, 30]]
+    assert packer.carry == [31, 2]
+
+
+def test_blocks_fall_as_they_are_cut_when_the_tokenizer_adds_no_bos(plain_tokenizer):
+    from npt.data import Packer
+
+    packer = Packer(WordTokenizer(add_bos=False), 4)
+    blocks = [b.tolist() for b in packer.add(["10 11 12 13 14", "20 21 22"])]
+    assert blocks == [[10, 11, 12, 13], [14, 2, 20, 21]] and packer.carry == [22, 2]
+    # a trained tokenizer without BOS: the blocks are the joined stream, EOS between documents
+    packer = Packer(plain_tokenizer, 8)
     blocks = packer.add(["alpha beta", "gamma delta epsilon"])
     flat = torch.cat(blocks).tolist() + packer.carry
-    a = tokenizer("alpha beta")["input_ids"] + [tokenizer.eos_token_id]
-    b = tokenizer("gamma delta epsilon")["input_ids"] + [tokenizer.eos_token_id]
-    assert flat == a + b
-    assert a[0] == tokenizer.bos_token_id
+    a = plain_tokenizer("alpha beta")["input_ids"] + [plain_tokenizer.eos_token_id]
+    b = plain_tokenizer("gamma delta epsilon")["input_ids"] + [plain_tokenizer.eos_token_id]
+    assert flat == a + b and plain_tokenizer.bos_token_id not in flat
     assert all(len(x) == 8 for x in blocks)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_training_and_heldout_blocks_follow_the_convention(jsonl, tokenizer, plain_tokenizer, streaming):
+    spec = spec_for(jsonl, streaming=streaming)
+    bos = tokenizer.bos_token_id
+    stream = TrainStream(open_source(spec), tokenizer, spec, batch_size=8)
+    for blocks in [heldout_blocks(open_source(spec), tokenizer, spec), *(stream.next_batch() for _ in range(20))]:
+        assert (blocks[:, 0] == bos).all() and not (blocks[:, 1] == bos).any()
+    # a tokenizer without BOS: no block gets one
+    plain = TrainStream(open_source(spec), plain_tokenizer, spec, batch_size=8)
+    assert not (plain.next_batch() == plain_tokenizer.bos_token_id).any()
+    assert not (heldout_blocks(open_source(spec), plain_tokenizer, spec) == plain_tokenizer.bos_token_id).any()
+
+
+def test_resume_refuses_a_stream_packed_with_another_convention(jsonl, tokenizer, plain_tokenizer):
+    spec = spec_for(jsonl)
+    state = _round_trip(TrainStream(open_source(spec), tokenizer, spec, batch_size=2).state_dict())
+    assert state["bos_blocks"] is True
+    with pytest.raises(NPTError, match="packed with a BOS token at every block start, this tokenizer adds no BOS"):
+        TrainStream(open_source(spec), plain_tokenizer, spec, batch_size=2).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "bos_blocks"}  # a state from before the convention
+    with pytest.raises(NPTError, match="packed without a BOS"):
+        TrainStream(open_source(spec), tokenizer, spec, batch_size=2).load_state_dict(old)
+    TrainStream(open_source(spec), plain_tokenizer, spec, batch_size=2).load_state_dict(old | {"buffer": old["buffer"]})
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "csv", "folder"])
@@ -134,8 +209,10 @@ def test_bad_data_inputs_name_cause_and_fix(tmp_path, jsonl, tokenizer):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_stream_state_resumes_exactly(jsonl, tokenizer, streaming):
+@pytest.mark.parametrize("bos", [True, False])
+def test_stream_state_resumes_exactly(jsonl, tokenizer, plain_tokenizer, streaming, bos):
     spec = spec_for(jsonl, streaming=streaming)
+    tokenizer = tokenizer if bos else plain_tokenizer
     a = TrainStream(open_source(spec), tokenizer, spec, batch_size=3)
     for _ in range(37):  # into the second epoch
         a.next_batch()

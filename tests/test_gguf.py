@@ -18,6 +18,7 @@ from npt.cli import main
 from npt.config import parse_args
 from npt.errors import NPTError
 from npt.corpus import sha256_file
+from npt.data import adds_bos
 from npt.gguf import PACKAGED, packaged_file
 from npt.loading import load_model
 from npt.model import NPTModel
@@ -96,6 +97,7 @@ def test_a_gguf_file_loads_as_the_model_it_was_written_from(tiny_gguf):
     text = "the list returns a value. the module name is a string"
     ids = original_tok(text, return_tensors="pt").input_ids
     assert tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert adds_bos(tok) and ids[0, 0] == tok.bos_token_id  # tokenizer.ggml.add_bos_token: every block will start with BOS
     with torch.no_grad():
         a, b = original(ids).logits, loaded(ids).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
@@ -165,3 +167,4 @@ def test_the_real_smollm2_teacher_loads_converts_and_trains(tmp_path):
     config = read_adapter_config(out / "adapter")
     assert config.base_model_name_or_path == "zoo:smollm2-135m" and config.num_hidden_layers == 30
     assert config.base_model_sha256 == sha256_file(file)
+    assert "adds no BOS" in summary["block_layout"]  # SmolLM2's GGUF says tokenizer.ggml.add_bos_token = false
