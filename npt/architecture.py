@@ -74,8 +74,21 @@ class Wiring:
     def gate_weight(self, layer: nn.Module) -> torch.Tensor:
         """W_g: for a fused projection, a view of its gate rows (no copy; an in-place change
         changes the fused weight)."""
+        return self.projection(layer, "gate")[0]
+
+    def projection(self, layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, b) of the MLP's `gate`, `up` or `down` projection (b None where it has no bias); a
+        fused gate-up projection's halves are views of its weight and bias (no copy)."""
         mlp = layer.mlp
-        return mlp.gate_up_proj.weight[: self.d_ffn(layer)] if self.fused_gate_up else mlp.gate_proj.weight
+        if name == "down":
+            return mlp.down_proj.weight, mlp.down_proj.bias
+        if self.fused_gate_up:
+            f = self.d_ffn(layer)
+            rows = slice(None, f) if name == "gate" else slice(f, None)
+            bias = mlp.gate_up_proj.bias
+            return mlp.gate_up_proj.weight[rows], None if bias is None else bias[rows]
+        proj = mlp.gate_proj if name == "gate" else mlp.up_proj
+        return proj.weight, proj.bias
 
     def gate_up(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W_g x and W_u x; a fused projection runs as its one GEMM and is split as views."""

@@ -20,12 +20,12 @@ import torch
 from transformers import AutoTokenizer
 from transformers.hf_argparser import HfArg
 
-from .architecture import decoder_layers, gate_weight, resolve_layers
+from .architecture import decoder_layers, layer_wiring, resolve_layers
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import DataArguments, block_convention, heldout_blocks, open_source
 from .errors import NPTError
 from .evaluate import attribution_table, evaluate, layer_attribution, measure_greedy
-from .inject import add_to_gates, context_deltas, continuation_loss, parse_positions
+from .inject import add_to_weights, context_deltas, continuation_loss, parse_positions
 from .loading import ModelArguments, resolve_model_path
 from .model import NPTModel
 from .run import resolve_device
@@ -200,7 +200,7 @@ def run_inject(adapter: str, args: InjectArguments, data: DataArguments, load_ar
     deltas = context_deltas(npt, context, layers, positions)
     model = npt.unload()  # the teacher: the plain base model
     before = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks, batch_size=8)}
-    add_to_gates(model, deltas, args.alpha)
+    add_to_weights(model, deltas, args.alpha)
     after = {"continuation_loss": continuation_loss(model, prompt, continuation), "heldout_ppl": perplexity(model, blocks, batch_size=8)}
     if out.exists():
         shutil.rmtree(out)
@@ -208,12 +208,13 @@ def run_inject(adapter: str, args: InjectArguments, data: DataArguments, load_ar
     tokenizer.save_pretrained(out)
     report = {
         "adapter": adapter, "output_dir": str(out), "context_tokens": context.shape[1], "layers": layers, "positions": positions,
-        "alpha": args.alpha, "delta_frobenius": {str(i): d.norm().item() for i, d in deltas.items()},
-        "gate_frobenius": {str(i): gate_weight(decoder_layers(model)[i], i).float().norm().item() for i in layers},
+        "alpha": args.alpha, "delta_frobenius": {str(i): {name: d.norm().item() for name, d in m.items()} for i, m in deltas.items()},
+        "weight_frobenius": {str(i): {name: layer_wiring(decoder_layers(model)[i], i).projection(decoder_layers(model)[i], name)[0].float().norm().item()
+                                      for name in m} for i, m in deltas.items()},
         "before": before, "after": after,
     }
     (out / "injection.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"Injected the context ({context.shape[1]} tokens, positions {positions}) into W_g of layers {layers}, alpha {args.alpha}:")
+    print(f"Injected the context ({context.shape[1]} tokens, positions {positions}) into {'+'.join(npt.npt_config.modulate)} of layers {layers}, alpha {args.alpha}:")
     print(f"  continuation loss   {before['continuation_loss']:.4f} -> {after['continuation_loss']:.4f} nats/token")
     print(f"  held-out perplexity {before['heldout_ppl']:.3f} -> {after['heldout_ppl']:.3f} ({len(blocks)} blocks)")
     print(f"Plain model folder: {out} (AutoModelForCausalLM.from_pretrained loads it without this package)")

@@ -45,7 +45,15 @@ class LogitHead:
     @classmethod
     def of(cls, model: nn.Module) -> "LogitHead":
         head, config = model.get_output_embeddings(), model.config
-        return cls(head.weight, head.bias, float(getattr(config, "logits_scaling", None) or 1.0),
+        weight, bias = head.weight, head.bias
+        device = weight.device.type
+        if torch.is_autocast_enabled(device) and weight.dtype != torch.get_autocast_dtype(device):
+            # autocast would cast the [vocab, d] weight anew in every chunk's matmul, forward and
+            # backward: cast once per step instead (the same bf16 numbers; a 262k vocabulary
+            # made the bf16 free-running step slower than float32's on CPU)
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+        return cls(weight, bias, float(getattr(config, "logits_scaling", None) or 1.0),
                    getattr(config, "final_logit_softcapping", None))
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:

@@ -5,33 +5,35 @@ or not according to its placement (architecture.py: pre-norm Llama, sandwich Gem
 OLMo 2/3):
 
     a   = Post_a(SelfAttn(Norm_a(h)))                                  the attention branch
-    out = u + m Post_f(W_d(act(W_g Norm_f(u)) * W_u Norm_f(u))),  u = h + m a
+    out = u + m Post_f(W_d(act(W_g Norm_f(u) + b_g) * (W_u Norm_f(u) + b_u)) + b_d),  u = h + m a
 
-The NPT layer drops the attention residual (u = h) and lets `a` modulate the gate weights per token:
+The NPT layer drops the attention residual (u = h) and lets `a` modulate the MLP's weights per
+token (`modulate`: the gate; the gate and up, "dual"; gate, up and down, "triple"):
 
-    z      = c_a A a                   A:   d_model -> r
-    v_m[j] = c_m B_m[j] z,  v_f[j] = c_f B_f[j] z      j = 1..k
-    gamma  = b_g + r^-1/2 g . z        the gain (--gate_gain; 0 without it)
+    z      = c_a A a                   A:   d_model -> r, shared by every modulated projection
     x      = Norm_f(h)
-    gate   = (1 + gamma) W_g x + s * sum_j v_f[j] (v_m[j] . x)
-           == (W_g + dW) x,   dW = gamma W_g + s sum_j v_f[j] v_m[j]^T
-    out    = h + m Post_f(W_d(act(gate) * W_u x))
+    gate   = (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     == (W_g + dW_g) x + b_g
+    up     = (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     == (W_u + dW_u) x + b_u   (dual, triple; else W_u x + b_u)
+    y      = act(gate) * up
+    mlp    = W_d y + b_d + s sum_j w_f[j] (w_m[j] . y)                   == (W_d + dW_d) y + b_d   (triple; else W_d y + b_d)
+    out    = h + m Post_f(mlp)
 
-(A, B_m, B_f, g, b_g trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.)
-The d_ffn x d_model delta is never materialised: the dot-product form above is exact and costs
-O(k (d_model + d_ffn)) per token instead of O(d_model d_ffn). A fused gate-up projection
-(Phi-3, GLM) runs as its one GEMM and the gate half is modulated as a view of its output.
+    v_m[j] = c_m B_m[j] z,  v_f[j] = c_f B_f[j] z  (j = 1..k; u, w likewise, each with its own B_m, B_f, c_m, c_f)
+    gamma  = b + r^-1/2 g . z          per projection that reads x (gate, up), with --gate_gain; 0 without
+    dW     = gamma W + s sum_j v_f[j] v_m[j]^T                           the per-token delta of each matrix
+
+(A, B_m, B_f, g, b trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
+teacher's counterpart of each: W_g, W_u read Norm_f(h + m a), W_d reads the hidden that input
+makes, and the residual adds m a; the NPT layer has only h, and the deltas carry what a changed.
+No d_out x d_in delta is ever materialised: the dot-product form above is exact and costs
+O(k (d_in + d_out)) per token and matrix instead of O(d_in d_out). A fused gate-up projection
+(Phi-3, GLM) runs as its one GEMM and its halves are modulated as views of its output.
 
 Why the gain: the teacher's MLP reads Norm_f(h + a), the NPT layer's Norm_f(h); the ratio
-rms(h) / rms(h + a) scales the teacher's whole gate input per token (0.73 +- 0.10 in the first
-layer of the zoo's Gemma-3-style teacher, 0.92 +- 0.08 in the embedded default's), a change of W_g
-by a multiple of itself, which no rank-k delta can make. Trained, the gain does more than undo
-that ratio on the small zoo teachers: its constant part b_g ends between -0.09 and -0.93 (W_g
-turned down to 7-91% of itself, so the modulation carries more of the gate), its per-token
-part has a scale |g| / sqrt(r) of 0.03-0.45 (z has unit RMS); on the real SmolLM2-135M (top four
-layers) it stays small, b_g -0.05 to -0.18, |g| / sqrt(r) 0.02-0.06. On the zoo (docs/zoo.md, at k = 16) the default with the gain against without it:
-held-out KL 4-15% lower on every teacher, at 1.12-1.35x the free-running step on CPU at small
-batches, a per-step cost that large batches amortise (docs/performance.md).
+rms(h) / rms(h + a) scales the teacher's whole gate and up input per token, a change of W_g and
+W_u by a multiple of themselves, which no rank-k delta can make. It scales W x, not the bias. The
+down projection reads y, which no such ratio scales: it has no gain. What the gain and the
+variants buy, and cost, is measured in docs/zoo.md and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -47,119 +49,123 @@ from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .architecture import Wiring
+from .errors import NPTError
 
 
-class NPTAdapter(nn.Module):
-    """Maps the attention output to k rank-1 modulations (v_m, v_f) of the gate weights, and
-    (with a gain) to a per-token gain gamma of the whole gate weight matrix.
+MODULATED = ("gate", "up", "down")  # the projections an adapter can modulate, in this order
 
-        z = c_a A a,   v_m[j] = c_m B_m[j] z,   v_f[j] = c_f B_f[j] z,   gamma = b_g + r^-1/2 g . z
 
-    A, B_m and B_f are stored at unit scale (A and B_m drawn from N(0, 1), B_f exactly zero) and
-    the fixed multipliers c_a, c_m, c_f (buffers, saved with the weights) carry each model's
-    scales, so that one Adam step means the same relative change on every model: Adam moves each
-    entry by about the learning rate whatever its scale, so a weight stored at the model's scale
-    (attention outputs range over 1e-3 .. 1e+1 in RMS between models) would learn at a rate that
-    depends on the model. `calibrate_` sets c_a and c_m so that z and v_m . x have unit RMS on real
-    tokens, and c_f so that a B_f with unit entries moves the gate by its own RMS. Measured on a
-    random-weight tiny Llama (gate RMS 0.16), the learning rate tuned on trained teachers made
-    every loss type diverge with weights at the model's scale.
+def parse_modulate(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'gate', 'gate,up', 'gate,up,down' (or a list) -> the projections, in canonical order."""
+    names = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p) for p in spec]
+    bad = [p for p in names if p not in MODULATED]
+    if bad or "gate" not in names or len(set(names)) != len(names):
+        raise NPTError(f"--modulate {spec!r}: expected the gate and any of up, down, each once (e.g. gate, gate,up or gate,up,down).",
+                       "Pass --modulate gate (the default), gate,up (dual) or gate,up,down (triple).")
+    return tuple(p for p in MODULATED if p in names)
 
-    B_f = 0 and a zero gain make a fresh adapter add nothing: the NPT layer starts as the teacher layer with its
-    attention dropped. B_m starts random: were both zero, neither would ever receive a gradient
-    (the delta is bilinear in them).
-    """
 
-    def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float, gate_gain: bool = False):
+class Modulation(nn.Module):
+    """A rank-k modulation of one projection W [d_out, d_in], read from the bottleneck z:
+
+        v_m[j] = c_m B_m[j] z,   v_f[j] = c_f B_f[j] z,   gamma = b + r^-1/2 g . z  (with a gain)
+        W x + b  ->  (1 + gamma) W x + b + s sum_j v_f[j] (v_m[j] . x)
+                  == (W + dW) x + b,   dW = gamma W + s sum_j v_f[j] v_m[j]^T
+
+    The gain scales W x, not the bias (a gain of W). B_m and B_f are stored at unit scale (B_m
+    drawn from N(0, 1), B_f exactly zero: a fresh modulation adds nothing); the fixed multipliers
+    c_m, c_f carry the model's scales (see NPTAdapter)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, num_ranks: int, scale: float, gain: bool = False, attn_dim: int | None = None):
         super().__init__()
-        self.d_model, self.d_ffn, self.rank, self.num_ranks, self.scale = d_model, d_ffn, rank, num_ranks, scale
-        self.A = nn.Linear(d_model, rank, bias=False)
-        self.B_m = nn.Linear(rank, num_ranks * d_model, bias=False)
-        self.B_f = nn.Linear(rank, num_ranks * d_ffn, bias=False)
-        nn.init.normal_(self.A.weight)
+        self.d_in, self.d_out, self.rank, self.num_ranks, self.scale = d_in, d_out, rank, num_ranks, scale
+        # `attn_dim`: the adapter's bottleneck A (attn_dim -> r) is made here, first, so that the
+        # random draws, the parameter order and the buffers of a gate-only adapter stay what every
+        # saved adapter and checkpoint was made with
+        if attn_dim is not None:
+            self.A = nn.Linear(attn_dim, rank, bias=False)
+        self.B_m = nn.Linear(rank, num_ranks * d_in, bias=False)
+        self.B_f = nn.Linear(rank, num_ranks * d_out, bias=False)
+        if attn_dim is not None:
+            nn.init.normal_(self.A.weight)
         nn.init.normal_(self.B_m.weight)
         nn.init.zeros_(self.B_f.weight)
-        # gamma = b_g + r^-1/2 g . z, zero at the start like B_f; None: the low-rank delta alone
-        self.gain = nn.Linear(rank, 1) if gate_gain else None
+        # gamma = b + r^-1/2 g . z, zero at the start like B_f; None: the low-rank delta alone
+        self.gain = nn.Linear(rank, 1) if gain else None
         if self.gain is not None:
             nn.init.zeros_(self.gain.weight)
             nn.init.zeros_(self.gain.bias)
-        # fan-in scaling until calibration: unit-RMS inputs give unit-RMS z and v_m entries
-        self.register_buffer("c_a", torch.tensor(d_model**-0.5))
+        # fan-in scaling until calibration: unit-RMS inputs give unit-RMS z and v_m . x
+        if attn_dim is not None:
+            self.register_buffer("c_a", torch.tensor(attn_dim**-0.5))
         self.register_buffer("c_m", torch.tensor(rank**-0.5))
         self.register_buffer("c_f", torch.tensor((num_ranks * rank) ** -0.5))
 
-    def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
-        """z = c_a A a, in the adapter's own (fp32) dtype: what every output of the adapter reads."""
-        return self.c_a * self.A(attn.to(self.A.weight.dtype))
+    def forward(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`modulate`, called as a module (a sharded modulation gathers its weights for it)."""
+        return self.modulate(x, z, out, weight, bias, regularizer)
 
-    def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""
-        z = self.bottleneck(attn)
-        v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_model))
-        v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_ffn))
-        return v_m, v_f
+    def modulate(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The modulated projection (1 + gamma) W x + b + s sum_j v_f[j] (v_m[j] . x), given `out` =
+        W x + b, and the per-token squared Frobenius norm of dW (None when not asked for; `weight`
+        = W is needed for it when there is a gain, `bias` = b to keep the gain off it), without
+        forming the matrix, nor even the vectors v_m, v_f per token:
 
-    def gamma(self, attn: torch.Tensor) -> torch.Tensor:
-        """The per-token gain [...] of W_g (zeros without --gate_gain), in the adapter's dtype."""
-        z = self.bottleneck(attn)
+            v_m[j] . x           = c_m (B_m[j]^T x) . z      one GEMM over all j
+            sum_j coef_j v_f[j]  = c_f B_f (coef (x) z)       one GEMM, (x) the outer product
+            v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
+
+        so a modulation costs O(k r (d_in + d_out)) per token and stores no [tokens, k, d_out]
+        tensor. `vectors()` gives v_m, v_f explicitly (same values)."""
         gamma = self._gamma(z)
-        return torch.zeros_like(z[..., 0]) if gamma is None else gamma
+        k, r, d, f = self.num_ranks, self.rank, self.d_in, self.d_out
+        w_m = self.B_m.weight.view(k, d, r)
+        w_f = self.B_f.weight.view(k, f, r)
+        xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
+        coef = self.c_m * (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
+        outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
+        delta = ((self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))).to(out.dtype)
+        if gamma is None:
+            modulated = out + delta
+        elif bias is None:
+            modulated = out * (1.0 + gamma.unsqueeze(-1)).to(out.dtype) + delta
+        else:  # the gain scales W x, not the bias
+            modulated = (out - bias) * (1.0 + gamma.unsqueeze(-1)).to(out.dtype) + bias + delta
+        return modulated, (self.frob2(z, gamma, weight) if regularizer else None)
+
+    def vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_m [..., k, d_in] and v_f [..., k, d_out] for the bottleneck z."""
+        v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_in))
+        v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_out))
+        return v_m, v_f
 
     def _gamma(self, z: torch.Tensor) -> torch.Tensor | None:
         if self.gain is None:
             return None
         return self.gain(z * self.rank**-0.5).squeeze(-1)
 
-    def forward(self, x: torch.Tensor | None, attn: torch.Tensor, gate: torch.Tensor | None = None,
-                w_gate: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
-        """The modulated gate (1 + gamma) W_g x + s * sum_j v_f[j] (v_m[j] . x), given `gate` = W_g x,
-        and the per-token squared Frobenius norm of dW = gamma W_g + s * sum_j v_f[j] v_m[j]^T (the
-        regulariser; `w_gate` = W_g is needed for it when there is a gain), without forming the
-        matrix, nor even the vectors v_m, v_f per token:
-
-            v_m[j] . x           = c_m (B_m[j]^T x) . z      one GEMM over all j
-            sum_j coef_j v_f[j]  = c_f B_f (coef (x) z)       one GEMM, (x) the outer product
-            v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
-
-        so the adapter costs O(k r (d_model + d_ffn)) per token and stores no [tokens, k, d_ffn]
-        tensor. `vectors()` gives v_m, v_f explicitly (same values).
-
-        `x` None: the regulariser alone (it depends on `attn` only). Called as the module, not as
-        a method, so that a sharded (FSDP) adapter gathers its weights for it."""
-        z = self.bottleneck(attn)
-        gamma = self._gamma(z)
-        if x is None:
-            return self._frob2(z, gamma, w_gate)
-        k, r, d, f = self.num_ranks, self.rank, self.d_model, self.d_ffn
-        w_m = self.B_m.weight.view(k, d, r)
-        w_f = self.B_f.weight.view(k, f, r)
-        xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
-        coef = self.c_m * (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
-        outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
-        delta = ((self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))).to(gate.dtype)
-        modulated = gate + delta if gamma is None else gate * (1.0 + gamma.unsqueeze(-1)).to(gate.dtype) + delta
-        return modulated, (self._frob2(z, gamma, w_gate) if regularizer else None)
-
-    def _frob2(self, z: torch.Tensor, gamma: torch.Tensor | None = None, w_gate: torch.Tensor | None = None) -> torch.Tensor:
+    def frob2(self, z: torch.Tensor, gamma: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-token ||dW||_F^2, exactly (the regulariser)."""
         low_rank = self._low_rank_frob2(z)
         if gamma is None:
             return low_rank
-        if w_gate is None:
-            raise ValueError("The regulariser of an adapter with a gain needs the gate weight (w_gate).")
-        # ||gamma W_g + L||^2 = gamma^2 ||W_g||^2 + 2 gamma <W_g, L> + ||L||^2, and
-        # <W_g, L> = s sum_j v_f[j]^T W_g v_m[j] = s c_f c_m z^T (sum_j B_f[j]^T W_g B_m[j]) z:
-        # one [r, r] matrix per step (k r d_model d_ffn), then r^2 per token
-        k, d, f, r = self.num_ranks, self.d_model, self.d_ffn, self.rank
-        w = w_gate.detach().to(z.dtype)
-        wg_bm = torch.einsum("fd,kdr->kfr", w, self.B_m.weight.view(k, d, r))
-        cross = torch.einsum("kfr,kfs->rs", self.B_f.weight.view(k, f, r), wg_bm)
+        if weight is None:
+            raise ValueError("The regulariser of a modulation with a gain needs the projection's weight.")
+        # ||gamma W + L||^2 = gamma^2 ||W||^2 + 2 gamma <W, L> + ||L||^2, and
+        # <W, L> = s sum_j v_f[j]^T W v_m[j] = s c_f c_m z^T (sum_j B_f[j]^T W B_m[j]) z:
+        # one [r, r] matrix per step (k r d_in d_out), then r^2 per token
+        k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
+        w = weight.detach().to(z.dtype)
+        w_bm = torch.einsum("fd,kdr->kfr", w, self.B_m.weight.view(k, d, r))
+        cross = torch.einsum("kfr,kfs->rs", self.B_f.weight.view(k, f, r), w_bm)
         zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
         inner = (self.scale * self.c_f * self.c_m) * (zz @ cross.flatten())
         return gamma.square() * w.square().sum() + 2.0 * gamma * inner + low_rank
 
     def _low_rank_frob2(self, z: torch.Tensor) -> torch.Tensor:
-        k, d, f, r = self.num_ranks, self.d_model, self.d_ffn, self.rank
+        k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
         # dots[j, l] = dots[l, j], so only pairs j <= l enter (off-diagonal ones counted twice): a
@@ -172,21 +178,124 @@ class NPTAdapter(nn.Module):
         return (self.scale * self.c_m * self.c_f) ** 2 * ((dots_m * dots_f) @ twice)
 
     @torch.no_grad()
-    def calibrate_(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor) -> dict[str, float]:
-        """Set the multipliers on a sample of real tokens: x = Norm2(h), attention outputs, and
-        the gate pre-activations W_g x. Only scales change; B_f stays zero, so the student still
-        starts at "attention dropped"."""
-        z_rms = self.bottleneck(attn).pow(2).mean().sqrt().item()
-        if math.isfinite(z_rms) and z_rms > 0.0:
-            self.c_a.div_(z_rms)
-        v_m, _ = self.vectors(attn)
+    def calibrate_(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+        """c_m so that v_m . x has unit RMS on real tokens, c_f so that a B_f with unit entries
+        moves the projection by its own RMS (x: its input, out: its output W x + b)."""
+        v_m, _ = Modulation.vectors(self, z)  # NPTAdapter.vectors reads the attention output instead
         coef_rms = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype)).pow(2).mean().sqrt().item()
         if math.isfinite(coef_rms) and coef_rms > 0.0:
             self.c_m.div_(coef_rms)
-        gate_rms = gate.float().pow(2).mean().sqrt().item()
-        if math.isfinite(gate_rms) and gate_rms > 0.0:
-            self.c_f.fill_(gate_rms / math.sqrt(self.num_ranks * self.rank))
-        return {"z_rms": z_rms, "coef_rms": coef_rms, "gate_rms": gate_rms}
+        out_rms = out.float().pow(2).mean().sqrt().item()
+        if math.isfinite(out_rms) and out_rms > 0.0:
+            self.c_f.fill_(out_rms / math.sqrt(self.num_ranks * self.rank))
+        return {"coef_rms": coef_rms, "out_rms": out_rms}
+
+
+class NPTAdapter(Modulation):
+    """Maps the attention output to a bottleneck z and, from it, to the modulation of the gate
+    weights (this module's own B_m, B_f, gain) and, with `modulate`, of the up projection (`up`)
+    and of the down projection (`down`), each a `Modulation`:
+
+        z = c_a A a
+        gate:  W_g x + b_g        -> (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     x = Norm_f(h)
+        up:    W_u x + b_u        -> (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     (dual, triple)
+        down:  W_d y + b_d        ->  W_d y + b_d + s sum_j w_f[j] (w_m[j] . y)                 (triple; y = act(gate) * up)
+
+    The projections share the bottleneck z (one A): each has its own k rank-1 terms. The gain
+    applies to the projections that read Norm_f(h), gate and up: the teacher's MLP reads
+    Norm_f(h + a), whose ratio rms(h) / rms(h + a) scales both per token. Down reads the MLP's
+    hidden y, which no such ratio scales; its modulation writes directly in d_model space, where
+    the dropped attention residual lived.
+
+    A, B_m and B_f are stored at unit scale (A and B_m drawn from N(0, 1), B_f exactly zero) and
+    the fixed multipliers c_a, c_m, c_f (buffers, saved with the weights) carry each model's
+    scales, so that one Adam step means the same relative change on every model: Adam moves each
+    entry by about the learning rate whatever its scale, so a weight stored at the model's scale
+    (attention outputs range over 1e-3 .. 1e+1 in RMS between models) would learn at a rate that
+    depends on the model. `calibrate_` sets c_a and c_m so that z and v_m . x have unit RMS on real
+    tokens, and c_f so that a B_f with unit entries moves the projection by its own RMS. Measured on a
+    random-weight tiny Llama (gate RMS 0.16), the learning rate tuned on trained teachers made
+    every loss type diverge with weights at the model's scale.
+
+    B_f = 0 and zero gains make a fresh adapter add nothing: the NPT layer starts as the teacher
+    layer with its attention dropped. B_m starts random: were both zero, neither would ever
+    receive a gradient (the delta is bilinear in them).
+    """
+
+    def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float, gate_gain: bool = False,
+                 modulate: tuple[str, ...] | str = ("gate",)):
+        super().__init__(d_model, d_ffn, rank, num_ranks, scale, gate_gain, attn_dim=d_model)
+        self.d_model, self.d_ffn = d_model, d_ffn
+        self.modulated = parse_modulate(modulate)
+        self.up = Modulation(d_model, d_ffn, rank, num_ranks, scale, gate_gain) if "up" in self.modulated else None
+        self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale) if "down" in self.modulated else None
+
+    def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
+        """z = c_a A a, in the adapter's own (fp32) dtype: what every output of the adapter reads."""
+        return self.c_a * self.A(attn.to(self.A.weight.dtype))
+
+    def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""
+        return Modulation.vectors(self, self.bottleneck(attn))
+
+    def gamma(self, attn: torch.Tensor) -> torch.Tensor:
+        """The per-token gain [...] of W_g (zeros without --gate_gain), in the adapter's dtype."""
+        z = self.bottleneck(attn)
+        gamma = self._gamma(z)
+        return torch.zeros_like(z[..., 0]) if gamma is None else gamma
+
+    def forward(self, method: str, *args):
+        """`adapter("modulate_inputs", ...)`, `adapter("modulate_down", ...)`, `adapter("regularizer",
+        ...)`: the named method, run through the module's call so that a sharded (FSDP) adapter
+        gathers its weights for it (and again for its backward)."""
+        return getattr(self, method)(*args)
+
+    def modulate_inputs(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weights: dict,
+                        regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The modulated gate and up pre-activations from `gate` = W_g x + b_g and `up` = W_u x + b_u
+        (up as it is unless modulated), the bottleneck z (for the down modulation) and the
+        per-token regulariser of these (None when not asked for). `weights`: {"gate": (W_g, b_g),
+        "up": (W_u, b_u)}."""
+        z = self.bottleneck(attn)
+        gate, frob2 = self.modulate(x, z, gate, *weights["gate"], regularizer)
+        if self.up is not None:
+            up, up_frob2 = self.up.modulate(x, z, up, *weights["up"], regularizer)
+            frob2 = frob2 + up_frob2 if regularizer else None
+        return gate, up, z, frob2
+
+    def modulate_down(self, y: torch.Tensor, z: torch.Tensor, down: torch.Tensor, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_d y + b_d (`down`) with the down modulation added, and its per-token regulariser."""
+        return self.down.modulate(y, z, down, regularizer=regularizer)
+
+    def regularizer(self, attn: torch.Tensor, weights: dict) -> torch.Tensor:
+        """The per-token regulariser alone, sum over the modulated matrices of ||dW||_F^2 (it
+        depends on `attn` only). Called through the module (`NPTDecoderLayer.regularizer`)."""
+        z = self.bottleneck(attn)
+        frob2 = self.frob2(z, self._gamma(z), weights["gate"][0])
+        if self.up is not None:
+            frob2 = frob2 + self.up.frob2(z, self.up._gamma(z), weights["up"][0])
+        if self.down is not None:
+            frob2 = frob2 + self.down.frob2(z)
+        return frob2
+
+    @torch.no_grad()
+    def calibrate_(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None = None,
+                   hidden: torch.Tensor | None = None, down: torch.Tensor | None = None) -> dict[str, float]:
+        """Set the multipliers on a sample of real tokens: x = Norm_f(h), attention outputs, the
+        gate pre-activations W_g x + b_g and, for the modulations that exist, W_u x + b_u, the MLP's
+        hidden y = act(gate) * up and W_d y + b_d. Only scales change; B_f stays zero, so the
+        student still starts at "attention dropped"."""
+        z_rms = self.bottleneck(attn).pow(2).mean().sqrt().item()
+        if math.isfinite(z_rms) and z_rms > 0.0:
+            self.c_a.div_(z_rms)
+        z = self.bottleneck(attn)
+        gate_stats = Modulation.calibrate_(self, x, z, gate)
+        stats = {"z_rms": z_rms, "coef_rms": gate_stats["coef_rms"], "gate_rms": gate_stats["out_rms"]}
+        if self.up is not None:
+            stats["up"] = self.up.calibrate_(x, z, up)
+        if self.down is not None:
+            stats["down"] = self.down.calibrate_(hidden, z, down)
+        return stats
 
 
 def _pair_gram(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -260,7 +369,7 @@ class NPTDecoderLayer(nn.Module):
         if npt_student_attn is not None:
             return self.student_output(hidden_states, npt_student_attn)
         if npt_regularizer_of is not None:
-            return self.adapter(None, npt_regularizer_of, w_gate=self.wiring.gate_weight(self.layer))
+            return self.adapter("regularizer", npt_regularizer_of, self.projection_weights())
         return self.layer(hidden_states, *args, **kwargs)
 
     def _dispatch(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -321,15 +430,20 @@ class NPTDecoderLayer(nn.Module):
         return (self.compiled_output or self._npt_output)(hidden_states, attn, regularizer)
 
     def _npt_output(self, hidden_states: torch.Tensor, attn: torch.Tensor, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`npt_output`, eager. When h does not require grad (teacher forcing), the frozen projections
-        W_g x and W_u x record no autograd state, and the MLP tail W_d(act(gate) * up) is one
-        autograd node that keeps one d_ffn-wide tensor for its backward."""
+        """`npt_output`, eager. When h does not require grad (teacher forcing) and only the gate is
+        modulated, the frozen projections W_g x and W_u x record no autograd state, and the MLP
+        tail W_d(act(gate) * up) is one autograd node that keeps one d_ffn-wide tensor for its
+        backward."""
         w, mlp = self.wiring, self.layer.mlp
         x = self.mlp_input(hidden_states)
         gate, up = self.gate_up(x)
-        gate, frob2 = self.adapter(x, attn, gate, self.wiring.gate_weight(self.layer), regularizer)
+        gate, up, z, frob2 = self.adapter("modulate_inputs", x, attn, gate, up, self.projection_weights(), regularizer)
         act = w.activation(self.layer)
-        if up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, or a trainable MLP
+        if self.adapter.down is not None:  # added in d_model space, before any post-feedforward norm
+            y = act(gate) * up
+            tail, down_frob2 = self.adapter("modulate_down", y, z, mlp.down_proj(y), regularizer)
+            frob2 = frob2 + down_frob2 if regularizer else None
+        elif up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, a modulated up, or a trainable MLP
             tail = mlp.down_proj(act(gate) * up)
         else:
             tail = _GatedDown.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, act)
@@ -337,6 +451,10 @@ class NPTDecoderLayer(nn.Module):
         if w.residual_multiplier != 1.0:
             tail = w.residual_multiplier * tail
         return hidden_states + tail, frob2
+
+    def projection_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """{"gate": (W_g, b_g), "up": (W_u, b_u)}: what the gains and the regulariser read."""
+        return {name: self.wiring.projection(self.layer, name) for name in ("gate", "up")}
 
     def gate_weight_sq_norm(self) -> torch.Tensor:
         """||W_g||_F^2, the scale against which the regulariser is measured when it is normalised."""

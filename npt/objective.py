@@ -181,6 +181,12 @@ def calibrate_adapters(npt_model: NPTModel, input_ids: torch.Tensor, attention_m
     for idx, layer in npt_model.npt_layers.items():
         rec = records[idx]
         x = layer.mlp_input(rec.inputs)
-        gate, _ = layer.gate_up(x)
-        stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(rec.attn, mask), real_tokens(gate, mask))
+        gate, up = layer.gate_up(x)
+        extra = {}
+        if layer.adapter.up is not None:
+            extra["up"] = real_tokens(up, mask)
+        if layer.adapter.down is not None:
+            y = layer.wiring.activation(layer.layer)(gate) * up
+            extra |= {"hidden": real_tokens(y, mask), "down": real_tokens(layer.layer.mlp.down_proj(y), mask)}
+        stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(rec.attn, mask), real_tokens(gate, mask), **extra)
     return stats

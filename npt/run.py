@@ -49,7 +49,7 @@ class RunArguments:
     seed: int = HfArg(default=0, help="Random seed (adapter init, data order, gradient-penalty draws).")
     device: Literal["auto", "cpu", "cuda"] = HfArg(default="auto", help="auto (CUDA when present), cpu or cuda.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = HfArg(
-        default="auto", help="Autocast: auto (accelerate's own setting if launched with one, else bf16 on CUDA, none on CPU), no, bf16, fp16.")
+        default="auto", help="Autocast: auto (accelerate's own setting if launched with one, else bf16 where the device multiplies it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; else fp16 on CUDA, none on CPU), no, bf16, fp16.")
     fsdp: bool = HfArg(default=False, help="Shard the teacher's weights across processes (FSDP2) instead of replicating them (DDP); for teachers that do not fit one device. Needs several processes.")
     gradient_checkpointing: bool = HfArg(default=False, help="Recompute each NPT layer's student computation in backward instead of storing its activations (less memory, more compute).")
     compile: bool = HfArg(default=False, aliases=["--torch_compile"], help="torch.compile each NPT layer's student computation (meant for CUDA; no gain measured on CPU).")

@@ -3,7 +3,9 @@
     adapter_model.safetensors   tensors `layers.<i>.A.weight` [r, d_model], `layers.<i>.B_m.weight`
                                 [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r], with `gate_gain`
                                 `layers.<i>.gain.weight` [1, r] and `.gain.bias` [1], and the
-                                scalar multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32)
+                                scalar multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32);
+                                with `modulate` naming up and down, the same B_m, B_f, (gain,)
+                                c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`
     adapter_config.json         `"adapter_type": "npt"`, the base model, layers, r, k, s, shapes,
                                 and the sha256 of the weights file
 
@@ -44,6 +46,7 @@ class NPTConfig:
     num_ranks: int
     modulation_scale: float = 1.0
     gate_gain: bool = False  # files written before the gain existed have none
+    modulate: list[str] = dataclasses.field(default_factory=lambda: ["gate"])  # files written before the variants modulated the gate only
     dtype: str = "float32"
     model_type: str = ""
     hidden_size: int = 0
@@ -65,6 +68,7 @@ class NPTConfig:
             "rank": self.rank,
             "num_ranks": self.num_ranks,
             "gate_gain": self.gate_gain,
+            "modulate": list(self.modulate),
         }
 
 
@@ -129,7 +133,9 @@ MLP's gate weights. It is not a model (AutoModelForCausalLM cannot load it) and 
 - `adapter_model.safetensors`: per layer i, `layers.<i>.A.weight` [r, d_model],
   `layers.<i>.B_m.weight` [k d_model, r], `layers.<i>.B_f.weight` [k d_ffn, r], the gain
   `layers.<i>.gain.weight` [1, r] and `gain.bias` [1] (when `gate_gain` is true) and the scalar
-  multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32.
+  multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32. With `modulate` naming `up` (dual
+  modulation) or `down` (triple), the same tensors of those projections' modulations under
+  `layers.<i>.up.` and `layers.<i>.down.` (down has no gain).
 - the base model's tokenizer files.
 
 Use it with the `npt` package: `NPTModel.from_pretrained("<this folder>")`, `npt-eval <this folder>`,

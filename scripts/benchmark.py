@@ -53,6 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from npt.architecture import decoder_layers, resolve_layers
 from npt.config import Parser
 from npt.kl import real_tokens
+from npt.layer import parse_modulate
 from npt.loading import DTYPES, load_model
 from npt.losses import LayerTensors, LossConfig, NPTLoss
 from npt.model import AdapterArguments, NPTModel, randomize_adapters
@@ -85,6 +86,7 @@ class BenchSpec:
     gate_gain: bool = AdapterArguments.gate_gain
     modulation_scale: float = AdapterArguments.modulation_scale
     npt_layers: str = AdapterArguments.npt_layers
+    modulate: str = AdapterArguments.modulate
     device: str = "cpu"
     dtype: str = "float32"
     loss_type: str = "improved_npt"
@@ -127,7 +129,8 @@ class ProjectStep:
     reuse_prefix = True
 
     def __init__(self, model, spec: BenchSpec):
-        self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain)
+        self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain,
+                                    modulate=spec.modulate)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         randomize_adapters(self.npt, spec.seed + 1, scale=0.05)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
@@ -193,8 +196,9 @@ class OriginalStep:
     def __init__(self, model, spec: BenchSpec, adapters: dict | None = None):
         self.teacher = model
         student = copy.deepcopy(model)  # the second full copy of the weights
-        if spec.npt_layers != "all":
-            raise SystemExit("--contenders original re-creates a design that converted every layer: drop --npt_layers (or 'original').")
+        if spec.npt_layers != "all" or parse_modulate(spec.modulate) != ("gate",):
+            raise SystemExit("--contenders original re-creates a design that converted every layer and modulated the gate only: "
+                             "drop --npt_layers and --modulate (or 'original').")
         self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain)
         if adapters is not None:
             self.student.load_adapter_state_dict(adapters)
@@ -373,7 +377,7 @@ def step_flops(spec: BenchSpec) -> dict[str, float]:
     attn_proj = 2 * n * d * (2 * q + 2 * kv)
     attn_scores = 2 * 2 * spec.batch_size * c.num_attention_heads * hd * spec.seq_len * (spec.seq_len + 1) / 2
     mlp = 2 * n * 3 * d * f
-    adapter = 2 * n * (d * spec.rank + d * spec.num_ranks * spec.rank + spec.num_ranks * spec.rank * f)
+    adapter = 2 * n * (d * spec.rank + len(parse_modulate(spec.modulate)) * spec.num_ranks * spec.rank * (d + f))  # each modulation: d + f wide
     layer = attn_proj + attn_scores + mlp
     teacher = L * layer
     student_tf = C * (mlp + 2 * n * d * f + 3 * adapter)  # forward MLP, backward through W_d, adapter fwd + bwd
@@ -412,7 +416,7 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
     tokens = spec.batch_size * spec.seq_len
     lines = [
         f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, NPT layers {spec.npt_layers}, r={spec.rank}, k={spec.num_ranks}, "
-        f"{'' if spec.gate_gain else 'no gate gain, '}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
+        f"{'' if spec.modulate == 'gate' else 'modulating ' + spec.modulate + ', '}{'' if spec.gate_gain else 'no gate gain, '}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
         f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
@@ -504,13 +508,13 @@ def spec_for(shape: str, args: BenchArguments, adapter: AdapterArguments) -> Ben
     small = shape == "embedded"
     return BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                      rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain,
-                     modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, device=args.device,
+                     modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, modulate=adapter.modulate, device=args.device,
                      dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
                      gradient_checkpointing=args.gradient_checkpointing)
 
 
 def check_adapter_flags(adapter: AdapterArguments) -> None:
-    """Every adapter flag is honoured (r, k, the gain, the scale, the layers) but the initialisation:
+    """Every adapter flag is honoured (r, k, the gain, the scale, the layers, the modulated projections) but the initialisation:
     the benchmark draws random adapters, so --adapter_init would change nothing, and is refused."""
     if adapter.adapter_init != AdapterArguments.adapter_init:
         raise SystemExit(f"--adapter_init {adapter.adapter_init}: the benchmark times random adapters, so the initialisation changes nothing; drop the flag.")

@@ -79,7 +79,7 @@ def test_adapters_without_a_gain_load_as_written_before_it_existed(tmp_path):
     randomize_adapters(npt, seed=2)
     npt.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config.pop("gate_gain") is False
+    assert config.pop("gate_gain") is False and config.pop("modulate") == ["gate"]  # neither existed then
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
     assert all(layer.adapter.gain is None for layer in loaded.npt_layers.values())
@@ -104,3 +104,20 @@ def test_damaged_or_mismatched_adapters_are_refused(tmp_path):
         NPTModel.from_pretrained(tmp_path, base_model=tiny_model(hidden_size=64, intermediate_size=96))
     with pytest.raises(NPTError, match="No adapter_config.json"):
         NPTModel.from_pretrained(tmp_path / "nowhere", base_model=tiny_model())
+
+
+@pytest.mark.parametrize("modulate", ["gate,up", "gate,up,down"])
+def test_dual_and_triple_modulation_adapters_round_trip_and_refuse_another_variant(tmp_path, modulate):
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate)
+    randomize_adapters(npt, seed=4)
+    npt.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modulate"] == modulate.split(",")
+    loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    assert loaded.npt_config.modulate == modulate.split(",")
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+    with pytest.raises(NPTError, match="--modulate"):  # gate-only adapters cannot take these weights
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
+    with pytest.raises(NPTError, match="--modulate 'gate,left'"):
+        NPTModel.convert(tiny_model(), "all", modulate="gate,left")

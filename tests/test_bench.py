@@ -83,15 +83,16 @@ def test_adapter_sizes_compared_side_by_side():
 
 def test_every_adapter_flag_reaches_the_benchmark_or_is_refused():
     args, adapter = bench.parse(["--shapes", "tiny", "--no-gate_gain", "--modulation_scale", "0.5", "--npt_layers", "1-2",
-                                 "--adapter_rank", "4", "--num_ranks", "2"])
+                                 "--adapter_rank", "4", "--num_ranks", "2", "--modulate", "gate,up,down"])
     spec = bench.spec_for("tiny", args, adapter)
     assert (spec.gate_gain, spec.modulation_scale, spec.npt_layers, spec.rank, spec.num_ranks) == (False, 0.5, "1-2", 4, 2)
     step = bench.FreeRunningStep(bench.build_model(spec), spec)
     assert step.npt.npt_config.layers == [1, 2] and not step.npt.npt_config.gate_gain
+    assert step.npt.npt_config.modulate == ["gate", "up", "down"]
     assert step.npt.npt_config.modulation_scale == 0.5
     with pytest.raises(SystemExit, match="--adapter_init default: the benchmark times random adapters"):
         bench.parse(["--adapter_init", "default"])
-    with pytest.raises(SystemExit, match="converted every layer"):
+    with pytest.raises(SystemExit, match="converted every layer and modulated the gate only"):
         bench.OriginalStep(bench.build_model(spec), spec)
 
 

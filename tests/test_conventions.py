@@ -75,7 +75,7 @@ def test_a_run_speaks_before_during_and_after_training(tmp_path, trained_teacher
     assert summary["runtime_seconds"] - summary["train_seconds"] > 5.0
     assert sum(2 * 128 / r for r in rates.values()) == pytest.approx(summary["train_seconds"], abs=0.1)
     assert summary["tokens_seen"] == 8 * 4 * 32
-    assert summary["mixed_precision"] == "no"
+    assert summary["mixed_precision"] == npt.train.mixed_precision(parse_args([]), use_cpu=True)  # auto: bf16 where this CPU has it
     # the same lines, with times and module names, in train.log; the behaviour metrics in the summary
     log = (out / "train.log").read_text()
     assert " INFO npt.train: step 8/8 | loss" in log and " INFO npt.train: before training: mean rel error" in log
@@ -137,3 +137,19 @@ def test_an_adapter_folder_says_it_is_npt_and_loads_from_a_hub_id(tmp_path, trai
         assert torch.equal(from_hub.adapter_state_dict()[k], v), k
     with pytest.raises(NPTError, match="not in the local HF cache"):
         NPTModel.from_pretrained("acme/no-such-adapter")
+
+
+def test_auto_mixed_precision_is_bf16_where_the_device_multiplies_it_natively(monkeypatch):
+    import npt.train
+    from npt.config import parse_args
+
+    cfg = parse_args([])
+    assert cfg.run.mixed_precision == "auto"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert npt.train.mixed_precision(cfg, use_cpu=True) == expected
+        assert npt.train.mixed_precision(parse_args(["--mixed_precision", "no"]), use_cpu=True) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's own setting wins
+    assert npt.train.mixed_precision(cfg, use_cpu=True) == "fp16"

@@ -21,8 +21,10 @@ from npt.serialization import load_adapter_weights
 
 pytestmark = pytest.mark.slow
 
+# float32: process counts agree to its rounding, and bf16 autocast (the default where a CPU has
+# native bf16) would turn another reduction order into differences of bf16's size
 COMMON = ["--max_length", "32", "--eval_blocks", "4", "--num_samples", "1", "--no-progress", "--max_steps", "8",
-          "--eval_steps", "0", "--device", "cpu", "--use_adaptive_weights", "--save_steps", "4"]
+          "--eval_steps", "0", "--device", "cpu", "--use_adaptive_weights", "--save_steps", "4", "--mixed_precision", "no"]
 
 
 def free_port() -> int:
@@ -96,6 +98,24 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir
     # FSDP reduce-scatters gradients in another order than one process sums them; Adam turns the
     # last-bit differences on near-zero gradients into ~1e-3 on the weights after 8 steps.
     _compare(run, single_runs["plain"], atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def triple_single(trained_teacher_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "triple"
+    assert main(["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "4", "--modulate", "gate,up,down", "--output_dir", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_triple_modulation_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir, triple_single, mode):
+    """gate, up and down modulated: the down modulation runs through the adapter's module call, so
+    a sharded adapter gathers its weights for it too."""
+    run = tmp_path / mode
+    launch("torchrun", ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "2", "--modulate", "gate,up,down",
+                        "--output_dir", str(run), *(["--fsdp"] if mode == "fsdp" else [])])
+    assert any(".down.B_f.weight" in k for k in load_adapter_weights(run / "adapter"))
+    _compare(run, triple_single, atol=2e-3 if mode == "fsdp" else 1e-4)
 
 
 def test_fsdp_evaluates_held_out_blocks_that_do_not_split_evenly(tmp_path, trained_teacher_dir):

@@ -16,6 +16,7 @@ from npt.architecture import decoder_layers
 from npt.errors import UnsupportedArchitectureError
 from npt.kl import LogitHead, softened_kl
 from npt.losses import LossConfig, NPTLoss
+from npt.layer import Modulation
 from npt.model import NPTModel
 from npt.objective import EquivalenceObjective, calibrate_adapters
 
@@ -60,15 +61,28 @@ def _model(name: str, seed: int = 0):
 
 
 def _hand_npt_layer(name: str, layer, adapter, h: torch.Tensor, a: torch.Tensor, modulated: bool = True) -> torch.Tensor:
-    """The NPT layer written out for each family from the HF module's own parts (`modulated`
-    False: without the gate delta)."""
-    v_m, v_f = adapter.vectors(a)
+    """The NPT layer written out for each family from the HF module's own parts, each modulated
+    projection W x -> (1 + gamma) W x + s sum_j v_f[j] (v_m[j] . x) (`modulated` False: without
+    the modulations)."""
     z = adapter.c_a * a @ adapter.A.weight.T
-    gamma = (adapter.gain.bias + z @ adapter.gain.weight[0] / adapter.rank**0.5).unsqueeze(-1)  # the gain on W_g
+
+    def modulation(mod, x):  # (gamma, s sum_j v_f[j] (v_m[j] . x)) of one projection
+        v_m, v_f = Modulation.vectors(mod, z)
+        delta = mod.scale * torch.einsum("...k,...kf->...f", torch.einsum("...kd,...d->...k", v_m, x), v_f)
+        gamma = (mod.gain.bias + z @ mod.gain.weight[0] / mod.rank**0.5).unsqueeze(-1) if mod.gain is not None else 0.0
+        return gamma * modulated, delta * modulated
 
     def gated(x, gate, up, act):
-        delta = adapter.scale * torch.einsum("...k,...kf->...f", torch.einsum("...kd,...d->...k", v_m, x), v_f)
-        return layer.mlp.down_proj(act(gate + (gamma * gate + delta) * modulated) * up)
+        gamma, delta = modulation(adapter, x)
+        gate = gate + gamma * gate + delta
+        if adapter.up is not None:
+            gamma, delta = modulation(adapter.up, x)
+            up = up + gamma * up + delta
+        y = act(gate) * up
+        out = layer.mlp.down_proj(y)
+        if adapter.down is not None:  # in d_model space, before the post-feedforward norm
+            out = out + modulation(adapter.down, y)[1]
+        return out
 
     mlp = layer.mlp
     if name in ("gemma2", "gemma3"):  # sandwich: the MLP reads pre_feedforward_layernorm(h), its output is normed too
@@ -97,15 +111,16 @@ def _hand_attention(name: str, layer, h: torch.Tensor, kwargs: dict) -> torch.Te
     return layer.post_attention_layernorm(a) if name.startswith("gemma") else a
 
 
+@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_each_family_converts_with_its_placement_and_computes_the_formula(name):
+def test_each_family_converts_with_its_placement_and_computes_the_formula(name, modulate):
     from npt.capture import capture_teacher
 
     model = _model(name)
     x = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(input_ids=x).logits
-    npt = NPTModel.convert(model, "all", rank=4, num_ranks=2)
+    npt = NPTModel.convert(model, "all", rank=4, num_ranks=2, modulate=modulate)
     placement, fused = FAMILIES[name]
     assert {(layer.wiring.placement, layer.wiring.fused_gate_up) for layer in npt.npt_layers.values()} == {(placement, fused)}
     # teacher mode is the unconverted model, exactly
@@ -134,7 +149,8 @@ def test_each_family_converts_with_its_placement_and_computes_the_formula(name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_each_family_trains_in_both_phases_and_its_adapters_reload(name, tmp_path):
-    npt = NPTModel.convert(_model(name), "all", rank=4, num_ranks=2)
+    modulate = "gate,up,down" if name in ("gemma3", "olmo2", "phi3", "glm4", "granite") else "gate"  # every placement, fused too
+    npt = NPTModel.convert(_model(name), "all", rank=4, num_ranks=2, modulate=modulate)
     x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(x)
     mask[1, 9:] = 0

@@ -454,3 +454,15 @@ def test_a_step_under_bfloat16_autocast_trains_like_float32(free_running):
         grads[dtype] = torch.cat([p.grad.flatten() for p in npt.adapter_parameters()])
     assert grads[torch.bfloat16].dtype == torch.float32 and grads[torch.bfloat16].isfinite().all()
     assert torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0) > 0.98
+
+
+def test_under_autocast_the_logit_head_is_cast_once_per_step():
+    """LogitHead.of under bf16 autocast holds the weight in bf16 (autocast would cast the whole
+    [vocab, d] matrix again in every chunk); outside autocast, the model's own weight."""
+    from npt.kl import LogitHead
+
+    model = tiny_model()
+    assert LogitHead.of(model).weight is model.lm_head.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head = LogitHead.of(model)
+    assert head.weight.dtype == torch.bfloat16 and torch.equal(head.weight, model.lm_head.weight.to(torch.bfloat16))

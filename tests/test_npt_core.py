@@ -38,9 +38,14 @@ def test_zero_adapter_output_is_attention_dropped():
     assert torch.all(frob2 == 0)
 
 
-def test_known_delta_gives_hand_computed_modulated_mlp():
+@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
+    """Every modulated matrix materialised per token, which the layer never does: the output
+    h + (W_d + dW_d) act((W_g + dW_g) x + b_g) * ((W_u + dW_u) x + b_u) + b_d, with the gains
+    scaling W x and not the biases, and the regulariser the sum of ||dW||_F^2 over the matrices."""
     torch.manual_seed(1)
-    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulation_scale=0.7)
+    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=3, num_ranks=2, modulation_scale=0.7, modulate=modulate)
     layer = npt.npt_layers[0]
     ad = layer.adapter
     with torch.no_grad():
@@ -49,16 +54,46 @@ def test_known_delta_gives_hand_computed_modulated_mlp():
     h, attn = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     out, frob2 = layer.npt_output(h, attn)
     x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
-    for t in range(4):  # materialise the per-token delta matrix, which the layer never does
+    mlp = layer.layer.mlp
+    for t in range(4):
         z = ad.c_a * ad.A.weight @ attn[0, t]
-        v_m = (ad.c_m * ad.B_m.weight @ z).view(2, 32)
-        v_f = (ad.c_f * ad.B_f.weight @ z).view(2, 64)
-        gamma = ad.gain.bias + ad.gain.weight[0] @ z / 3**0.5  # the gain, r = 3
-        w_g = layer.layer.mlp.gate_proj.weight
-        delta_w = gamma * w_g + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))  # [d_ffn, d_model]
-        expected = h[0, t] + hand_mlp(layer.layer, x[0, t], delta_w @ x[0, t])
+
+        def delta(mod, weight, d_in, d_out):  # gamma W + s sum_j v_f[j] v_m[j]^T
+            v_m = (mod.c_m * mod.B_m.weight @ z).view(2, d_in)
+            v_f = (mod.c_f * mod.B_f.weight @ z).view(2, d_out)
+            gamma = mod.gain.bias + mod.gain.weight[0] @ z / 3**0.5 if mod.gain is not None else 0.0  # r = 3
+            return gamma * weight + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))
+
+        zero = torch.zeros(())
+        d_g = delta(ad, mlp.gate_proj.weight, 32, 64)
+        d_u = delta(ad.up, mlp.up_proj.weight, 32, 64) if ad.up is not None else 0 * mlp.up_proj.weight
+        d_d = delta(ad.down, mlp.down_proj.weight, 64, 32) if ad.down is not None else 0 * mlp.down_proj.weight
+        b_g, b_u, b_d = (p.bias if mlp_bias else zero for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        y = F.silu((mlp.gate_proj.weight + d_g) @ x[0, t] + b_g) * ((mlp.up_proj.weight + d_u) @ x[0, t] + b_u)
+        expected = h[0, t] + (mlp.down_proj.weight + d_d) @ y + b_d
         torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(frob2[0, t], delta_w.pow(2).sum(), rtol=1e-4, atol=1e-6)
+        total = sum(d.pow(2).sum() for d in (d_g, d_u, d_d))
+        torch.testing.assert_close(frob2[0, t], total, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer(None, npt_regularizer_of=attn)[0, t], total, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gain_of_one_doubles_the_gate_weights_not_the_gate_bias():
+    """Llama with mlp_bias: gamma = 1 gives 2 W_g x + b_g (and with up modulated, 2 W_u x + b_u)."""
+    for modulate in ("gate", "gate,up"):
+        torch.manual_seed(0)
+        npt = NPTModel.convert(tiny_model(mlp_bias=True, num_hidden_layers=1), "all", rank=3, num_ranks=2, modulate=modulate)
+        layer = npt.npt_layers[0]
+        with torch.no_grad():
+            for mod in (layer.adapter, layer.adapter.up):
+                if mod is not None:
+                    mod.gain.bias.fill_(1.0)
+            layer.layer.mlp.gate_proj.bias.normal_(0, 1.0)
+        h, attn = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+        out, _ = layer.npt_output(h, attn)
+        mlp, x = layer.layer.mlp, layer.mlp_input(h)
+        up = 2 * x @ mlp.up_proj.weight.T + mlp.up_proj.bias if modulate == "gate,up" else mlp.up_proj(x)
+        expected = h + mlp.down_proj(F.silu(2 * x @ mlp.gate_proj.weight.T + mlp.gate_proj.bias) * up)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_gives_unit_rms_and_keeps_attention_dropped_start():
@@ -234,7 +269,7 @@ def test_fused_mlp_tail_gradient_equals_autograds():
     fused = torch.autograd.grad((out * weights).sum(), list(layer.adapter.parameters()))
     # the generic graph: the same computation written with plain autograd ops
     mlp, x = layer.layer.mlp, layer.layer.post_attention_layernorm(h)
-    gate, _ = layer.adapter(x, attn, mlp.gate_proj(x), mlp.gate_proj.weight)
+    gate, *_ = layer.adapter("modulate_inputs", x, attn, mlp.gate_proj(x), mlp.up_proj(x), layer.projection_weights())
     ref = h + mlp.down_proj(mlp.act_fn(gate) * mlp.up_proj(x))
     torch.testing.assert_close(out, ref)
     generic = torch.autograd.grad((ref * weights).sum(), list(layer.adapter.parameters()))
@@ -258,3 +293,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(free_running):
         grads.append([p.grad.clone() for p in npt.adapter_parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
+def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
+    """npt-inject's delta at one position is that token's dW of each modulated matrix (its squared
+    norms add up to the regulariser the layer computes there, by another route), and it is added
+    to exactly those matrices of the plain model."""
+    from npt.capture import run_student
+    from npt.inject import add_to_weights, context_deltas
+
+    torch.manual_seed(0)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate)
+    randomize_adapters(npt, seed=6, scale=0.3)
+    x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    deltas = context_deltas(npt, x, [1], [6])
+    assert list(deltas[1]) == modulate.split(",")
+    with torch.no_grad():
+        records, _ = run_student(npt, x)
+        frob2 = npt.npt_layers[1](None, npt_regularizer_of=records[1].attn)[0, 6]
+    torch.testing.assert_close(sum(d.pow(2).sum() for d in deltas[1].values()), frob2, rtol=1e-4, atol=1e-6)
+    model = npt.unload()
+    mlp = model.model.layers[1].mlp
+    weights = {"gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight}
+    before = {name: w.detach().clone() for name, w in weights.items()}
+    add_to_weights(model, deltas, alpha=0.5)
+    for name, w in weights.items():
+        expected = before[name] + 0.5 * deltas[1][name] if name in deltas[1] else before[name]
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-7)

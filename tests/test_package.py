@@ -74,7 +74,7 @@ def test_installed_commands_train_evaluate_generate_and_inject_from_outside_the_
                 "--alpha", "0.5", "--heldout_blocks", "4"], installed, work)
     assert "continuation loss" in proc.stdout and "held-out perplexity" in proc.stdout
     injection = json.loads((work / "injected" / "injection.json").read_text())
-    assert injection["alpha"] == 0.5 and all(v > 0 for v in injection["delta_frobenius"].values())
+    assert injection["alpha"] == 0.5 and all(v["gate"] > 0 for v in injection["delta_frobenius"].values())
     check = (
         "import json, torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -83,7 +83,7 @@ def test_installed_commands_train_evaluate_generate_and_inject_from_outside_the_
         "report = json.load(open('injected/injection.json'))\n"
         "for i in report['layers']:\n"
         "    diff = injected.model.layers[i].mlp.gate_proj.weight - base.model.layers[i].mlp.gate_proj.weight\n"
-        "    assert abs(diff.norm().item() - 0.5 * report['delta_frobenius'][str(i)]) < 1e-4 * diff.norm().item() + 1e-6, i\n"
+        "    assert abs(diff.norm().item() - 0.5 * report['delta_frobenius'][str(i)]['gate']) < 1e-4 * diff.norm().item() + 1e-6, i\n"
         "    assert torch.equal(injected.model.layers[i].mlp.up_proj.weight, base.model.layers[i].mlp.up_proj.weight)\n"
         "print('plain transformers loaded it')\n"
     )
