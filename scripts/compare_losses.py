@@ -31,8 +31,8 @@ from npt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> flags on top of the common ones (and the defaults: improved_npt, k=32 rank-1 terms, the
-# last 60% of steps free-running with the logit KL). Plain MSE is the baseline loss; the guide's own
+# name -> flags on top of the common ones (and the defaults: improved_npt, k=32 rank-1 terms of the
+# gate, the last 80% of steps free-running with the logit KL). Plain MSE is the baseline loss; the guide's own
 # setting (k=1, teacher forcing only) is the baseline recipe.
 VARIANTS: dict[str, list[str]] = {
     "mse (baseline loss)": ["--loss_type", "mse"],
@@ -54,7 +54,10 @@ VARIANTS: dict[str, list[str]] = {
     "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],
     "reverse KL, half of the logit KL": ["--reverse_kl_share", "0.5"],
     "adapter rank 32": ["--adapter_rank", "32"],
-    "adapter rank 32, k=8 (the default's cost)": ["--adapter_rank", "32", "--num_ranks", "8"],
+    "adapter rank 32, k=8": ["--adapter_rank", "32", "--num_ranks", "8"],
+    "dual modulation (gate, up)": ["--modulate", "gate,up"],
+    "triple modulation (gate, up, down)": ["--modulate", "gate,up,down"],
+    "dual modulation at the default's adapter size (k=16)": ["--modulate", "gate,up", "--num_ranks", "16"],
     "k=4": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],
 }

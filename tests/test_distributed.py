@@ -71,7 +71,14 @@ def _compare(run: Path, reference: Path, atol: float) -> None:
     assert summary["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]  # identical on both ranks
     a, b = load_adapter_weights(reference / "adapter"), load_adapter_weights(run / "adapter")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol)
+        # all-reduced gradients sum in another order than one process's batch, and Adam divides
+        # each gradient element by its own scale: a last-bit difference on a near-zero gradient
+        # moves that one element by up to ~lr (seen: 1 of 131072 off by 1.1e-4 after 8 steps). A
+        # wrong reduction moves all of them.
+        diff = (b[k] - a[k]).abs()
+        assert diff.max() < 10 * atol, (k, diff.max())
+        assert (diff > atol + 1e-3 * a[k].abs()).float().mean() < 0.01, k
+        assert diff.norm() <= 1e-3 * a[k].norm() + atol, (k, diff.norm(), a[k].norm())
     ref_eval = json.loads((reference / "summary.json").read_text())["eval"]
     assert summary["eval"]["tokens"] == ref_eval["tokens"]  # the held-out blocks are split, not repeated
     assert summary["eval"]["kl"] == pytest.approx(ref_eval["kl"], rel=1e-3)

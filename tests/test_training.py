@@ -134,7 +134,8 @@ def test_gradient_accumulation_steps_once_per_window(tmp_path, trained_teacher_d
     # 2 micro-batches of 2 blocks see the same blocks as 1 batch of 4, so (with a loss that is a
     # plain mean over tokens) both runs take the same optimizer steps.
     common = ("--max_steps", "6", "--eval_steps", "0", "--num_samples", "0", "--loss_type", "mse",
-              "--loss_normalization", "none", "--learning_rate", "1e-2", "--logging_steps", "1")
+              "--loss_normalization", "none", "--learning_rate", "1e-2", "--logging_steps", "1",
+              "--mixed_precision", "no")  # float32: bf16 autocast (the default on some CPUs) rounds each micro-batch apart
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(base_args(trained_teacher_dir, one, *common)) == 0
     args = base_args(trained_teacher_dir, two, *common, "--gradient_accumulation_steps", "2")
@@ -242,7 +243,7 @@ def test_every_flag_has_a_help_text_and_help_prints(capsys):
 
 def test_compiled_training_matches_eager(tmp_path, trained_teacher_dir):
     """--compile (teacher-forced and free-running steps) trains the same adapters as eager mode."""
-    args = ("--max_steps", "4", "--eval_steps", "0", "--num_samples", "0", "--use_adaptive_weights")
+    args = ("--max_steps", "4", "--eval_steps", "0", "--num_samples", "0", "--use_adaptive_weights", "--mixed_precision", "no")
     assert main(base_args(trained_teacher_dir, tmp_path / "eager", *args)) == 0
     assert main(base_args(trained_teacher_dir, tmp_path / "compiled", *args, "--compile")) == 0
     a, b = load_adapter_weights(tmp_path / "eager" / "adapter"), load_adapter_weights(tmp_path / "compiled" / "adapter")
