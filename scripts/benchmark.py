@@ -7,6 +7,7 @@
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
     python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
     python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16,16x16-nogain --seq_len 64   # adapter sizes' step cost
+    python scripts/benchmark.py --shapes embedded --compare_ranks 16x32,16x32+up,16x32+up+down,16x16+up   # the variants' step cost
     python scripts/benchmark.py --shapes smollm2-135m --npt_layers 26-29 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
     python scripts/benchmark.py --shapes gemma3-270m --npt_layers 16-17 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
 
@@ -462,7 +463,7 @@ class BenchArguments:
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     compare_ranks: str | None = dataclasses.field(default=None, metadata={
-        "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16; 16x16-nogain: without the gate gain), side by side"})
+        "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16; 16x16-nogain: without the gate gain; 16x32+up, 16x32+up+down: dual and triple modulation), side by side"})
     memory_child: str | None = dataclasses.field(default=None, metadata={"help": argparse.SUPPRESS})
 
 
@@ -520,43 +521,60 @@ def check_adapter_flags(adapter: AdapterArguments) -> None:
         raise SystemExit(f"--adapter_init {adapter.adapter_init}: the benchmark times random adapters, so the initialisation changes nothing; drop the flag.")
 
 
-def parse_sizes(text: str) -> list[tuple[int, int, bool]]:
-    """'16x16,32x16,16x16-nogain' -> [(16, 16, True), (32, 16, True), (16, 16, False)]: adapter rank
-    r x number of modulations k, with the gate gain unless the size ends in -nogain."""
+@dataclasses.dataclass(frozen=True)
+class AdapterSize:
+    rank: int
+    num_ranks: int
+    gate_gain: bool = True
+    modulate: str = "gate"
+
+    @property
+    def name(self) -> str:
+        extra = "".join("+" + p for p in self.modulate.split(",")[1:])
+        return f"{self.rank}x{self.num_ranks}{extra}" + ("" if self.gate_gain else "-nogain")
+
+
+def parse_sizes(text: str) -> list[AdapterSize]:
+    """'16x16,32x16,16x16-nogain,16x16+up,16x16+up+down': adapter rank r x number of rank-1 terms
+    k, with the gain unless the size ends in -nogain, modulating the gate and the projections named
+    after + (up: dual, up+down: triple)."""
     sizes = []
     for item in text.split(","):
         size, _, suffix = item.strip().lower().partition("-")
+        size, *extra = size.split("+")
         try:
             r, k = (int(v) for v in size.split("x"))
         except ValueError:
             r = k = 0
-        if min(r, k) < 1 or suffix not in ("", "nogain"):
-            raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16 (16x16-nogain: without the gate gain).")
-        sizes.append((r, k, suffix != "nogain"))
+        if min(r, k) < 1 or suffix not in ("", "nogain") or any(p not in ("up", "down") for p in extra):
+            raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16 (16x16-nogain: without the gate gain; "
+                             "16x16+up, 16x16+up+down: dual and triple modulation).")
+        sizes.append(AdapterSize(r, k, suffix != "nogain", ",".join(["gate", *extra])))
     return sizes
 
 
-def rank_costs(spec: BenchSpec, sizes: list[tuple[int, int, bool]], rounds: int = 5, steps: int = 3, warmup: int = 2) -> str:
-    """The free-running step (the default recipe's dearer phase) at each adapter size, each on its
-    own copy of the same model, alternated round by round on one batch, against the teacher forward."""
+def rank_costs(spec: BenchSpec, sizes: list[AdapterSize], rounds: int = 5, steps: int = 3, warmup: int = 2) -> str:
+    """The free-running step (the default recipe's dearer phase) at each adapter size and variant,
+    each on its own copy of the same model, alternated round by round on one batch, against the
+    teacher forward."""
     model = build_model(spec)
     x = make_batch(model, spec)
     contenders = {"teacher": TeacherForward(model, spec)}
-    names = [f"{r}x{k}" + ("" if gain else "-nogain") for r, k, gain in sizes]
-    for name, (r, k, gain) in zip(names, sizes):
-        contenders[name] = FreeRunningStep(copy.deepcopy(model), dataclasses.replace(spec, rank=r, num_ranks=k, gate_gain=gain))
+    specs = {size.name: dataclasses.replace(spec, rank=size.rank, num_ranks=size.num_ranks, gate_gain=size.gate_gain, modulate=size.modulate)
+             for size in sizes}
+    for name, sized in specs.items():
+        contenders[name] = FreeRunningStep(copy.deepcopy(model), sized)
     med = alternate(contenders, x, spec.device, rounds, steps, warmup)
     rate = matmul_rate(spec, spec.compute_dtype)
-    first = names[0]
-    rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, {spec.dtype}, {spec.device}): the free-running step, side by side",
+    first = sizes[0].name
+    rows = [f"Adapter size on {spec.shape} ({spec.batch_size} x {spec.seq_len} tokens, NPT layers {spec.npt_layers}, {spec.dtype}, {spec.device}): "
+            "the free-running step, side by side",
             "", f"| adapter r x k | adapter parameters | s / step | tokens/s | step / teacher forward | step / {first} step | of the matmul rate |",
             "|---|---|---|---|---|---|---|"]
     tokens = spec.batch_size * spec.seq_len
-    for key, c in contenders.items():
-        if key == "teacher":
-            continue
-        (r, k, gain), = [size for size, n in zip(sizes, names) if n == key]
-        share = step_flops(dataclasses.replace(spec, rank=r, num_ranks=k))["free"] / med[key] / rate
+    for key, sized in specs.items():
+        c = contenders[key]
+        share = step_flops(sized)["free"] / med[key] / rate
         params = sum(p.numel() for p in c.npt.adapter_parameters())
         rows.append(f"| {key} | {params:,} | {med[key]:.3f} | {tokens / med[key]:.0f} | {med[key] / med['teacher']:.2f} | {med[key] / med[first]:.2f} | {share:.0%} |")
     rows += ["", f"Dense matmul rate measured here ({spec.compute_dtype}): {rate / 1e9:.1f} GFLOP/s."]

@@ -69,14 +69,15 @@ def test_adapter_sizes_compared_side_by_side():
     """--compare_ranks: one row per size, adapter parameters by hand (tiny: 3 layers, d 32, f 64:
     A d r + B_m k r d + B_f k r f), ratios against the first size."""
     spec = bench.BenchSpec(shape="tiny", batch_size=2, seq_len=16)
-    table = bench.rank_costs(spec, bench.parse_sizes("4x4,8x2,4x4-nogain"), rounds=1, steps=1, warmup=1)
+    table = bench.rank_costs(spec, bench.parse_sizes("4x4,8x2,4x4-nogain,4x4+up+down"), rounds=1, steps=1, warmup=1)
     rows = [line.split("|") for line in table.splitlines() if line.startswith(("| 4x4", "| 8x2"))]
-    assert [r[1].strip() for r in rows] == ["4x4", "8x2", "4x4-nogain"]
+    assert [r[1].strip() for r in rows] == ["4x4", "8x2", "4x4-nogain", "4x4+up+down"]
     low_rank = [3 * (32 * 4 + 16 * 32 + 16 * 64), 3 * (32 * 8 + 16 * 32 + 16 * 64)]
-    # the gain: r + 1 weights per layer
-    assert [int(r[2].replace(",", "")) for r in rows] == [low_rank[0] + 3 * 5, low_rank[1] + 3 * 9, low_rank[0]]
+    # the gain: r + 1 weights per layer; up: another 16 x (32 + 64) and a gain, down 16 x (64 + 32)
+    triple = low_rank[0] + 3 * 5 + 3 * (16 * 96 + 5) + 3 * 16 * 96
+    assert [int(r[2].replace(",", "")) for r in rows] == [low_rank[0] + 3 * 5, low_rank[1] + 3 * 9, low_rank[0], triple]
     assert float(rows[0][6]) == 1.0 and float(rows[1][6]) > 0
-    for bad in ("16,32", "16x16-gain"):
+    for bad in ("16,32", "16x16-gain", "16x16+left"):
         with pytest.raises(SystemExit, match="r x k"):
             bench.parse_sizes(bad)
 
