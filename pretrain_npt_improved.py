@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Equivalence pre-training of Neuro-Plastic Transformer (NPT) adapters.
 
-    python pretrain_npt_improved.py                       # the embedded default, a few minutes on CPU
+    python pretrain_npt_improved.py                       # the embedded default (its time: README, "Results")
     python pretrain_npt_improved.py --config configs/standard.yaml --model_name meta-llama/Llama-3.2-1B \
         --dataset_name HuggingFaceFW/fineweb-edu --streaming --max_length 1024
 
