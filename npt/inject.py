@@ -23,7 +23,6 @@ import torch
 from .architecture import decoder_layers, layer_wiring
 from .capture import record_layers
 from .errors import NPTError
-from .layer import Modulation
 from .model import NPTModel
 
 
@@ -56,10 +55,10 @@ def context_deltas(npt_model: NPTModel, input_ids: torch.Tensor, layers: list[in
         z = adapter.bottleneck(records[i].attn[0, positions])
         deltas[i] = {}
         for name in adapter.modulated:
-            modulation = adapter if name == "gate" else getattr(adapter, name)
-            v_m, v_f = Modulation.vectors(modulation, z)  # [P, k, d_in], [P, k, d_out]
+            modulation = adapter.modulation(name)
+            v_m, v_f = modulation.terms(z)  # [P, k, d_in], [P, k, d_out]
             delta = modulation.scale * torch.einsum("pko,pki->oi", v_f, v_m) / len(positions)
-            gamma = modulation._gamma(z)
+            gamma = modulation.gain_of(z)
             if gamma is not None:
                 delta = delta + gamma.mean() * layer.wiring.projection(layer.layer, name)[0].float()
             deltas[i][name] = delta

@@ -118,8 +118,8 @@ class Modulation(nn.Module):
             v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
 
         so a modulation costs O(k r (d_in + d_out)) per token and stores no [tokens, k, d_out]
-        tensor. `vectors()` gives v_m, v_f explicitly (same values)."""
-        gamma = self._gamma(z)
+        tensor. `terms()` gives v_m, v_f explicitly (same values)."""
+        gamma = self.gain_of(z)
         k, r, d, f = self.num_ranks, self.rank, self.d_in, self.d_out
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
@@ -135,13 +135,14 @@ class Modulation(nn.Module):
             modulated = (out - bias) * (1.0 + gamma.unsqueeze(-1)).to(out.dtype) + bias + delta
         return modulated, (self.frob2(z, gamma, weight) if regularizer else None)
 
-    def vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v_m [..., k, d_in] and v_f [..., k, d_out] for the bottleneck z."""
         v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_in))
         v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_out))
         return v_m, v_f
 
-    def _gamma(self, z: torch.Tensor) -> torch.Tensor | None:
+    def gain_of(self, z: torch.Tensor) -> torch.Tensor | None:
+        """gamma [...] for the bottleneck z (None without a gain)."""
         if self.gain is None:
             return None
         return self.gain(z * self.rank**-0.5).squeeze(-1)
@@ -178,10 +179,10 @@ class Modulation(nn.Module):
         return (self.scale * self.c_m * self.c_f) ** 2 * ((dots_m * dots_f) @ twice)
 
     @torch.no_grad()
-    def calibrate_(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    def calibrate_terms_(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
         """c_m so that v_m . x has unit RMS on real tokens, c_f so that a B_f with unit entries
         moves the projection by its own RMS (x: its input, out: its output W x + b)."""
-        v_m, _ = Modulation.vectors(self, z)  # NPTAdapter.vectors reads the attention output instead
+        v_m, _ = self.terms(z)
         coef_rms = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype)).pow(2).mean().sqrt().item()
         if math.isfinite(coef_rms) and coef_rms > 0.0:
             self.c_m.div_(coef_rms)
@@ -230,18 +231,22 @@ class NPTAdapter(Modulation):
         self.up = Modulation(d_model, d_ffn, rank, num_ranks, scale, gate_gain) if "up" in self.modulated else None
         self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale) if "down" in self.modulated else None
 
+    def modulation(self, name: str) -> Modulation:
+        """The modulation of projection `name` (gate: this module's own)."""
+        return self if name == "gate" else getattr(self, name)
+
     def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
         """z = c_a A a, in the adapter's own (fp32) dtype: what every output of the adapter reads."""
         return self.c_a * self.A(attn.to(self.A.weight.dtype))
 
     def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""
-        return Modulation.vectors(self, self.bottleneck(attn))
+        return self.terms(self.bottleneck(attn))
 
     def gamma(self, attn: torch.Tensor) -> torch.Tensor:
         """The per-token gain [...] of W_g (zeros without --gate_gain), in the adapter's dtype."""
         z = self.bottleneck(attn)
-        gamma = self._gamma(z)
+        gamma = self.gain_of(z)
         return torch.zeros_like(z[..., 0]) if gamma is None else gamma
 
     def forward(self, method: str, *args):
@@ -271,9 +276,9 @@ class NPTAdapter(Modulation):
         """The per-token regulariser alone, sum over the modulated matrices of ||dW||_F^2 (it
         depends on `attn` only). Called through the module (`NPTDecoderLayer.regularizer`)."""
         z = self.bottleneck(attn)
-        frob2 = self.frob2(z, self._gamma(z), weights["gate"][0])
+        frob2 = self.frob2(z, self.gain_of(z), weights["gate"][0])
         if self.up is not None:
-            frob2 = frob2 + self.up.frob2(z, self.up._gamma(z), weights["up"][0])
+            frob2 = frob2 + self.up.frob2(z, self.up.gain_of(z), weights["up"][0])
         if self.down is not None:
             frob2 = frob2 + self.down.frob2(z)
         return frob2
@@ -289,12 +294,12 @@ class NPTAdapter(Modulation):
         if math.isfinite(z_rms) and z_rms > 0.0:
             self.c_a.div_(z_rms)
         z = self.bottleneck(attn)
-        gate_stats = Modulation.calibrate_(self, x, z, gate)
+        gate_stats = self.calibrate_terms_(x, z, gate)
         stats = {"z_rms": z_rms, "coef_rms": gate_stats["coef_rms"], "gate_rms": gate_stats["out_rms"]}
         if self.up is not None:
-            stats["up"] = self.up.calibrate_(x, z, up)
+            stats["up"] = self.up.calibrate_terms_(x, z, up)
         if self.down is not None:
-            stats["down"] = self.down.calibrate_(hidden, z, down)
+            stats["down"] = self.down.calibrate_terms_(hidden, z, down)
         return stats
 
 

@@ -16,7 +16,6 @@ from npt.architecture import decoder_layers
 from npt.errors import UnsupportedArchitectureError
 from npt.kl import LogitHead, softened_kl
 from npt.losses import LossConfig, NPTLoss
-from npt.layer import Modulation
 from npt.model import NPTModel
 from npt.objective import EquivalenceObjective, calibrate_adapters
 
@@ -67,7 +66,7 @@ def _hand_npt_layer(name: str, layer, adapter, h: torch.Tensor, a: torch.Tensor,
     z = adapter.c_a * a @ adapter.A.weight.T
 
     def modulation(mod, x):  # (gamma, s sum_j v_f[j] (v_m[j] . x)) of one projection
-        v_m, v_f = Modulation.vectors(mod, z)
+        v_m, v_f = mod.terms(z)
         delta = mod.scale * torch.einsum("...k,...kf->...f", torch.einsum("...kd,...d->...k", v_m, x), v_f)
         gamma = (mod.gain.bias + z @ mod.gain.weight[0] / mod.rank**0.5).unsqueeze(-1) if mod.gain is not None else 0.0
         return gamma * modulated, delta * modulated
