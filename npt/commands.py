@@ -206,11 +206,12 @@ def run_inject(adapter: str, args: InjectArguments, data: DataArguments, load_ar
         shutil.rmtree(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    plain = decoder_layers(model)
     report = {
         "adapter": adapter, "output_dir": str(out), "context_tokens": context.shape[1], "layers": layers, "positions": positions,
         "alpha": args.alpha, "delta_frobenius": {str(i): {name: d.norm().item() for name, d in m.items()} for i, m in deltas.items()},
-        "weight_frobenius": {str(i): {name: layer_wiring(decoder_layers(model)[i], i).projection(decoder_layers(model)[i], name)[0].float().norm().item()
-                                      for name in m} for i, m in deltas.items()},
+        "weight_frobenius": {str(i): {name: layer_wiring(plain[i], i).projection(plain[i], name)[0].float().norm().item() for name in m}
+                             for i, m in deltas.items()},
         "before": before, "after": after,
     }
     (out / "injection.json").write_text(json.dumps(report, indent=2) + "\n")
