@@ -89,7 +89,9 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     blocks = heldout_blocks(open_source(data), tokenizer, data, every_document=every)
     on_device = blocks.to(npt.device)
     result = evaluate(npt, on_device, args.eval_batch_size)
-    samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens) if args.greedy_prompts else []
+    samples = []
+    if args.greedy_prompts:
+        result, samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens)
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
               "blocks": len(blocks), "max_length": data.max_length, "block_layout": block_convention(tokenizer)} | result.record() | {"greedy_samples": samples}
     if args.layer_attribution:
@@ -159,7 +161,7 @@ def side_by_side(prompt: str, teacher: str, student: str, width: int) -> str:
 class InjectArguments:
     context: str | None = HfArg(default=None, help="The text whose weight change is injected (required).")
     output_dir: str | None = HfArg(default=None, help="Where the plain model folder is written (required).")
-    alpha: float = HfArg(default=1.0, help="Strength: W_g += alpha * dW.")
+    alpha: float = HfArg(default=1.0, help="Strength: each modulated matrix W += alpha * dW.")
     layers: str = HfArg(default="all", help="NPT layers to inject into: all, or indices such as '2,3'.")
     positions: str = HfArg(default="last", help="Context positions whose deltas are averaged: last, all, or indices such as '0,5,-1'.")
     prompt: str | None = HfArg(default=None, help="Prompt for the effect measurement (default: the context's first half).")

@@ -17,7 +17,7 @@ perplexity and still part ways at the first generated token; this is what a user
 Layer attribution (`layer_attribution`): the KL and perplexity ratio with one converted layer run
 as its teacher layer (the others NPT), and with that layer the only NPT layer; a student trained
 freely co-adapts its layers, so reverting one can raise the KL rather than lower it.
-Padding is excluded everywhere. `evaluate_sums` returns sums so that processes can add theirs.
+Padding is excluded everywhere. `evaluate_sums` returns sums (`EvalSums`) so that processes can add theirs.
 """
 
 from __future__ import annotations
@@ -99,19 +99,46 @@ class EvalResult:
         return "\n".join(rows)
 
 
+@dataclasses.dataclass
+class EvalSums:
+    """What an evaluation adds up, as float64 sums that processes add to each other's (a sum is
+    exact to combine; a mean is not). Per converted layer [n], teacher-forced over real tokens;
+    then over the free-running student's predicted positions; then over the blocks that have
+    some, whose per-block means give the standard errors."""
+
+    err2: torch.Tensor  # [n] sum of ||S_i - T_i||^2
+    update2: torch.Tensor  # [n] sum of ||T_i - h_i||^2
+    cosine: torch.Tensor  # [n] sum of cos(S_i - h_i, T_i - h_i)
+    layer_tokens: torch.Tensor  # [n]
+    kl: torch.Tensor  # KL(teacher || student)
+    teacher_nll: torch.Tensor
+    student_nll: torch.Tensor
+    agree: torch.Tensor  # positions where the two argmax tokens agree
+    predicted: torch.Tensor  # predicted positions
+    blocks: torch.Tensor  # blocks with a predicted position
+    block_kl: torch.Tensor  # sum over blocks of the block's mean KL
+    block_kl_sq: torch.Tensor  # ... of its square
+    block_agree: torch.Tensor  # ... of the block's agreement
+    block_agree_sq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_layers: int, device) -> "EvalSums":
+        return cls(**{f.name: torch.zeros(num_layers if i < 4 else (), dtype=torch.float64, device=device)
+                      for i, f in enumerate(dataclasses.fields(cls))})
+
+    def all_reduced(self) -> "EvalSums":
+        """The sums of every process (one collective over the fields flattened in their order)."""
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        flat = all_reduce_sum(torch.cat([v.reshape(-1) for v in values]))
+        parts = flat.split([v.numel() for v in values])
+        return EvalSums(**{f.name: part.view(v.shape) for f, part, v in zip(dataclasses.fields(self), parts, values)})
+
+
 @torch.no_grad()
-def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A flat float64 vector of sums: per layer (err^2, update^2, cosine sum, tokens), then
-    (KL, teacher NLL, student NLL, predicted tokens)."""
+def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None) -> EvalSums:
+    """The sums of `blocks` (none: zeros, for a process with no held-out block)."""
     device = npt_model.device
-    layers = list(npt_model.npt_layers)
-    if len(blocks) == 0:  # more processes than held-out blocks
-        return torch.zeros(4 * len(layers) + 10, dtype=torch.float64, device=device)
-    per_layer = torch.zeros(len(layers), 4, dtype=torch.float64, device=device)
-    # KL, teacher NLL, student NLL, agreeing positions, predicted positions; then over blocks with
-    # predicted positions: their count, and the sums of the per-block mean KL, of its square, of the
-    # per-block agreement, of its square (the standard errors, from sums that processes can add)
-    logit_sums = torch.zeros(10, dtype=torch.float64, device=device)
+    sums = EvalSums.zeros(len(npt_model.npt_layers), device)
     # Logits chunk by chunk from the final hidden states, except under FSDP: its sharded LM head
     # is whole only inside the model's own forward.
     fused = not is_sharded(npt_model.model)
@@ -123,12 +150,12 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
         records, t_out = capture_teacher(npt_model, x, mask, with_logits=not fused, with_final_hidden=fused)
         for k, (idx, layer) in enumerate(npt_model.npt_layers.items()):
             rec = records[idx]
-            s, _ = layer(rec.inputs, npt_student_attn=rec.attn)
+            s, _ = layer.call("student_output", rec.inputs, rec.attn)
             s, t, h = s[real].float(), rec.outputs[real].float(), rec.inputs[real].float()
-            per_layer[k, 0] += (s - t).pow(2).sum().double()
-            per_layer[k, 1] += (t - h).pow(2).sum().double()
-            per_layer[k, 2] += F.cosine_similarity(s - h, t - h, dim=-1, eps=1e-12).sum().double()
-            per_layer[k, 3] += real.sum()
+            sums.err2[k] += (s - t).pow(2).sum().double()
+            sums.update2[k] += (t - h).pow(2).sum().double()
+            sums.cosine[k] += F.cosine_similarity(s - h, t - h, dim=-1, eps=1e-12).sum().double()
+            sums.layer_tokens[k] += real.sum()
         # the student starts from the teacher's hidden state below its lowest converted layer
         prefix = Prefix.of(npt_model, records)
         if fused:
@@ -137,32 +164,34 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
             with starting_at(npt_model.model, prefix):
                 s_out = npt_model(input_ids=x, attention_mask=mask, use_cache=False).logits
         valid = real[:, :-1] & real[:, 1:]
-        per_row = next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)
+        per_row = next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)  # [B, 4]
         counts = valid.sum(-1).double()
-        logit_sums[:4] += per_row.sum(0)
-        logit_sums[4] += counts.sum()
+        sums.kl, sums.teacher_nll, sums.student_nll, sums.agree = (a + b for a, b in zip(
+            (sums.kl, sums.teacher_nll, sums.student_nll, sums.agree), per_row.sum(0).unbind()))
+        sums.predicted += counts.sum()
         used = counts > 0
-        kl_mean, agree_mean = per_row[used, 0] / counts[used], per_row[used, 3] / counts[used]
-        logit_sums[5:] += torch.stack([used.sum().double(), kl_mean.sum(), kl_mean.pow(2).sum(), agree_mean.sum(), agree_mean.pow(2).sum()])
-    return torch.cat([per_layer.flatten(), logit_sums])
+        block_kl, block_agree = per_row[used, 0] / counts[used], per_row[used, 3] / counts[used]
+        sums.blocks += used.sum()
+        sums.block_kl += block_kl.sum()
+        sums.block_kl_sq += block_kl.pow(2).sum()
+        sums.block_agree += block_agree.sum()
+        sums.block_agree_sq += block_agree.pow(2).sum()
+    return sums
 
 
-def finalize(sums: torch.Tensor, layers: list[int]) -> EvalResult:
-    n = len(layers)
-    per_layer = sums[: 4 * n].view(n, 4).cpu()
-    kl, t_nll, s_nll, agree, count, blocks, kl_s, kl_s2, ag_s, ag_s2 = sums[4 * n :].tolist()
-    count = max(count, 1.0)
+def finalize(sums: EvalSums, layers: list[int]) -> EvalResult:
+    count = max(sums.predicted.item(), 1.0)
     return EvalResult(
         layers=list(layers),
-        rel_error=[math.sqrt(e / max(u, 1e-300)) for e, u in per_layer[:, :2].tolist()],
-        update_cosine=[c / max(t, 1.0) for c, t in per_layer[:, 2:].tolist()],
-        kl=kl / count,
-        teacher_ppl=math.exp(t_nll / count),
-        student_ppl=math.exp(s_nll / count),
+        rel_error=[math.sqrt(e / max(u, 1e-300)) for e, u in zip(sums.err2.tolist(), sums.update2.tolist())],
+        update_cosine=[c / max(t, 1.0) for c, t in zip(sums.cosine.tolist(), sums.layer_tokens.tolist())],
+        kl=sums.kl.item() / count,
+        teacher_ppl=math.exp(sums.teacher_nll.item() / count),
+        student_ppl=math.exp(sums.student_nll.item() / count),
         tokens=int(count),
-        top1_agreement=agree / count,
-        kl_stderr=_stderr(kl_s, kl_s2, blocks),
-        top1_stderr=_stderr(ag_s, ag_s2, blocks),
+        top1_agreement=sums.agree.item() / count,
+        kl_stderr=_stderr(sums.block_kl.item(), sums.block_kl_sq.item(), sums.blocks.item()),
+        top1_stderr=_stderr(sums.block_agree.item(), sums.block_agree_sq.item(), sums.blocks.item()),
     )
 
 
@@ -188,7 +217,7 @@ def evaluate(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int = 8, att
             spare = evaluation_padding(len(blocks), batch_size)
             if spare:  # sharded forwards are collectives: run as many as the others, drop the sums
                 evaluate_sums(npt_model, blocks[:1].repeat(spare, 1), 1)
-        return finalize(all_reduce_sum(sums), list(npt_model.npt_layers))
+        return finalize(sums.all_reduced(), list(npt_model.npt_layers))
     finally:
         npt_model.train(was_training)
 
@@ -248,11 +277,10 @@ def greedy_match(npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num_promp
 
 
 def measure_greedy(result: EvalResult, npt_model: NPTModel, tokenizer, blocks: torch.Tensor, num_prompts: int, new_tokens: int,
-                   synced: bool = False) -> list[dict]:
-    """`greedy_match` into `result` (match, tokens, prompts); returns the texts."""
-    result.greedy_match, samples = greedy_match(npt_model, tokenizer, blocks, num_prompts, new_tokens=new_tokens, synced=synced)
-    result.greedy_tokens, result.greedy_prompts = new_tokens, len(samples)
-    return samples
+                   synced: bool = False) -> tuple[EvalResult, list[dict]]:
+    """`result` with its greedy match measured (`greedy_match`: match, tokens, prompts), and the texts."""
+    match, samples = greedy_match(npt_model, tokenizer, blocks, num_prompts, new_tokens=new_tokens, synced=synced)
+    return dataclasses.replace(result, greedy_match=match, greedy_tokens=new_tokens, greedy_prompts=len(samples)), samples
 
 
 def greedy_cell(record: dict) -> str:

@@ -361,21 +361,21 @@ class NPTDecoderLayer(nn.Module):
     def self_attn(self) -> nn.Module:
         return self.layer.self_attn
 
-    def forward(self, hidden_states: torch.Tensor, *args, npt_student_attn: torch.Tensor | None = None,
-                npt_regularizer_of: torch.Tensor | None = None, **kwargs):
-        """Teacher layer (npt_enabled False), NPT layer (True); given `npt_student_attn`, the
-        teacher-forced student output and regulariser for input h and attention output a; given
-        `npt_regularizer_of` (an attention output), the regulariser alone (a free-running step's:
-        HF's decoder loop passes one tensor from layer to layer, so it is computed afterwards from
-        the recorded attention outputs).
+    def forward(self, *args, npt_call: str | None = None, **kwargs):
+        """The decoder layer as HF calls it (teacher or NPT, by `npt_enabled`) or, given
+        `npt_call`, the named student method: `layer(h, a, npt_call="student_output")`,
+        `layer(a, npt_call="regularizer")`; `call` spells these.
 
-        The student computations go through this module's call (not a plain method) so that a
-        sharded (FSDP) layer gathers its weights for them, and again for their backward."""
-        if npt_student_attn is not None:
-            return self.student_output(hidden_states, npt_student_attn)
-        if npt_regularizer_of is not None:
-            return self.adapter("regularizer", npt_regularizer_of, self.projection_weights())
-        return self.layer(hidden_states, *args, **kwargs)
+        One thin dispatcher because the student computations must go through this module's call,
+        not a plain method: a sharded (FSDP) layer gathers its weights in its call, and again for
+        the backward."""
+        if npt_call is None:
+            return self.layer(*args, **kwargs)
+        return getattr(self, npt_call)(*args)
+
+    def call(self, method: str, *args):
+        """`method(*args)` (student_output, regularizer) through the module's call."""
+        return self(*args, npt_call=method)
 
     def _dispatch(self, hidden_states: torch.Tensor, *args, **kwargs):
         """The wrapped layer's forward in either mode."""
@@ -398,10 +398,17 @@ class NPTDecoderLayer(nn.Module):
         return self.npt_output(hidden_states, self.attention(hidden_states, **kwargs), regularizer=False)[0]
 
     def student_output(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`npt_output`, recomputed in backward when gradient checkpointing is on."""
+        """The teacher-forced student: `npt_output` for input h and attention output a, recomputed
+        in backward when gradient checkpointing is on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(self.npt_output, hidden_states, attn, use_reentrant=False, context_fn=_same_sdpa_backends)
         return self.npt_output(hidden_states, attn)
+
+    def regularizer(self, attn: torch.Tensor) -> torch.Tensor:
+        """The per-token regulariser alone for attention output a (a free-running step's: HF's
+        decoder loop passes one tensor from layer to layer, so it is computed afterwards from the
+        recorded attention outputs)."""
+        return self.adapter("regularizer", attn, self.projection_weights())
 
     def attention(self, hidden_states: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         """a = Post_a(SelfAttn(Norm_a(h))), with the same keyword arguments the decoder layer receives."""

@@ -270,12 +270,3 @@ class NPTModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-@torch.no_grad()
-def randomize_adapters(npt_model: NPTModel, seed: int = 0, scale: float = 0.3) -> None:
-    """Give every adapter weight a random value (a fresh adapter has B_f = 0: attention dropped),
-    for tests and benchmarks that need a student that is not exact."""
-    g = torch.Generator().manual_seed(seed)
-    for p in npt_model.adapter_parameters():
-        p.copy_(torch.randn(p.shape, generator=g).to(p) * scale)

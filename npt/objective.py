@@ -94,11 +94,11 @@ class EquivalenceObjective(nn.Module):
                                         prefix=Prefix.of(self.npt, records) if self.reuse_prefix else None)
             students = {idx: rec.outputs for idx, rec in runs.items()}
             layers = self.npt.npt_layers
-            frob2s = {idx: layers[idx](None, npt_regularizer_of=rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
+            frob2s = {idx: layers[idx].call("regularizer", rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():
-                students[idx], frob2s[idx] = layer(records[idx].inputs, npt_student_attn=records[idx].attn)
+                students[idx], frob2s[idx] = layer.call("student_output", records[idx].inputs, records[idx].attn)
         tensors = self.layer_tensors(students, records, mask)
         regs = []
         for idx in self.npt.npt_layers:

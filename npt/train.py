@@ -38,7 +38,7 @@ from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpo
 from .config import Config
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import TrainStream, block_convention, heldout_blocks, open_source
-from .divergence import DivergencePolicy
+from .divergence import DivergencePolicy, Verdict
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
 from .evaluate import EvalResult, evaluate, measure_greedy
@@ -49,6 +49,7 @@ from .model import NPTModel
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
 from .optim import build_optimizer, set_learning_rate
+from .provenance import provenance
 from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_device, resolve_output_dir
 from .schedules import converted_count
 from .serialization import read_adapter_config
@@ -309,7 +310,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
     means = IntervalMeans()
     interval = {"tokens": 0, "seconds": 0.0}
     if run.policy.start is None:  # a fresh run: where training begins
-        validate(run, tracker)
+        _, record = validate(run, tracker)
+        respond(run, tracker, judge(run, record), record)
         r = run.policy.start
         greedy = f", greedy match {r['greedy_match']:.1f}/{r['greedy_tokens']}" if "greedy_match" in r else ""
         run.log(f"before training: mean rel error {r['rel_error_mean']:.4f}, KL {r['kl']:.4f}, top-1 agreement {r['top1_agreement']:.1%}{greedy}, "
@@ -363,16 +365,14 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         interval["tokens"] += tokens_per_step if finite else 0
         interval["seconds"] += seconds
 
-        # logs, and divergence in them
+        # the logs; the divergence policy on them or on a run of non-finite steps, and its answer
         if finite and (p.step % cfg.run.logging_steps == 0 or p.step == cfg.optim.max_steps):
-            reason = log_step(run, tracker, bar, means, interval, free_running, text_lines, npt_count)
+            tags, signs = log_step(run, tracker, bar, means, interval, free_running, text_lines, npt_count)
             interval = {"tokens": 0, "seconds": 0.0}
-            if reason:
-                rollback(run, tracker, reason)
-        bad = run.policy.observe_bad_steps(p.consecutive_bad)
-        if bad.diverged and can_roll_back(run):
-            rollback(run, tracker, bad.diverged)
-        elif p.consecutive_bad >= cfg.run.max_bad_steps:
+            respond(run, tracker, run.policy.observe_log(tags, signs, free_running))
+        elif not finite:
+            respond(run, tracker, run.policy.observe_bad_steps(p.consecutive_bad))
+        if p.consecutive_bad >= cfg.run.max_bad_steps:
             run.optimizer.zero_grad(set_to_none=True)
             last = list_checkpoints(run.out)
             where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
@@ -389,7 +389,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             raise Interrupted(stopper.signum or int(signal.SIGTERM), path)
         # held-out evaluation and checkpoints
         if finite and cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0 and p.step < cfg.optim.max_steps:
-            result = validate(run, tracker)
+            result, record = validate(run, tracker)
+            respond(run, tracker, judge(run, record), record)
             greedy = f", greedy match {result.greedy_match:.1f}/{result.greedy_tokens}" if result.greedy_match is not None else ""
             run.log(f"step {p.step}: mean rel error {result.rel_error_mean:.4f}, KL {result.kl:.4f}, top-1 agreement {result.top1_agreement:.1%}"
                       f"{greedy}, perplexity ratio {result.ppl_ratio:.3f}")
@@ -399,8 +400,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
 
 
 def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: dict, free_running: bool, text_lines: bool,
-             npt_count: int) -> str | None:
-    """Log the interval's means; print them; return a reason if they show divergence."""
+             npt_count: int) -> tuple[dict[str, float], list]:
+    """Log the interval's means and print them; their tags and the monitor's signs."""
     cfg, p = run.cfg, run.progress
     values = means.pop(reduce=all_reduce_mean)
     tags = to_tags(values, run.layers)
@@ -429,20 +430,19 @@ def log_step(run: Run, tracker: Tracker, bar, means: IntervalMeans, interval: di
         run.log(f"step {p.step}/{cfg.optim.max_steps} | {line}{' | free-running' if free_running else ''}")
     else:
         bar.set_postfix_str(line)
-    return run.policy.observe_log(tags, signs, free_running).diverged
+    return tags, signs
 
 
 # ---- evaluation, rollback, checkpoints --------------------------------------------------------------
 
 
-def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
-    """Evaluate on the held-out blocks; keep the best and the last good state, or roll back if
-    the policy says training diverged (not after the last step: the best is kept then)."""
+def validate(run: Run, tracker: Tracker) -> tuple[EvalResult, dict]:
+    """Evaluate on the held-out blocks: the result and its record (logged, added to the history)."""
     cfg, p = run.cfg, run.progress
     result = evaluate(run.npt, run.eval_blocks, cfg.run.eval_batch_size)
     samples = []
     if cfg.run.greedy_prompts:  # on every process: sharded layers need all of them, and the records stay alike
-        samples = measure_greedy(result, run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, cfg.run.greedy_tokens, synced=run.sharded)
+        result, samples = measure_greedy(result, run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, cfg.run.greedy_tokens, synced=run.sharded)
     tracker.scalars(p.step, result.scalars())
     record = {"step": p.step} | result.record()
     run.eval_history.append(record)
@@ -450,22 +450,38 @@ def validate(run: Run, tracker: Tracker, final: bool = False) -> EvalResult:
     if samples and cfg.run.num_samples:
         tracker.text(p.step, "eval/samples", "\n\n".join(f"**prompt** {s['prompt']}\n\n**teacher** {s['teacher']}\n\n**student** {s['student']}\n\n"
                                                           f"({s['identical_tokens']} identical tokens)" for s in samples[: cfg.run.num_samples]))
-    # the steps before this evaluation were free-running ones (the phase it judges)
-    verdict = run.policy.observe_eval(record, free_running=p.step > cfg.free_running_from, stage=cfg.stage(p.step - 1))
-    if verdict.diverged and not final:
-        rollback(run, tracker, verdict.diverged)
-        return result
-    if verdict.diverged:
+    return result, record
+
+
+def judge(run: Run, record: dict) -> Verdict:
+    """The divergence policy's verdict on an evaluation record. The steps before it were
+    free-running ones (the phase it judges) when the step is past the teacher-forced ones."""
+    cfg, p = run.cfg, run.progress
+    return run.policy.observe_eval(record, free_running=p.step > cfg.free_running_from, stage=cfg.stage(p.step - 1))
+
+
+def respond(run: Run, tracker: Tracker, verdict: Verdict, record: dict | None = None, final: bool = False) -> None:
+    """The one place the loop acts on the divergence policy's verdict. Diverged: roll back to the
+    last good state with a lower learning rate (after the last step, `final`, adapter/ keeps the
+    best adapters instead). Otherwise, after an evaluation (`record`): `remember` its state."""
+    if verdict.diverged and final:
         run.log(f"the last evaluation is worse than the last good one ({verdict.diverged}); adapter/ keeps the best ones seen.", logging.WARNING)
-        return result
+    elif verdict.diverged:
+        rollback(run, tracker, verdict.diverged)
+    elif record is not None:
+        remember(run, record, verdict.good)
+
+
+def remember(run: Run, record: dict, good: bool) -> None:
+    """Keep the evaluated state's adapters when its held-out KL is the lowest yet (adapter/ at the
+    end), and its whole training state when the policy called it good (the rollback target)."""
     best = run.best is None or record["kl"] < run.best["kl"]
-    if verdict.good or best:
+    if good or best:
         snapshot = collect_state(run, with_data=False)
         if best:
             run.best = record | {"adapters": snapshot["adapters"]}
-        if verdict.good:
+        if good:
             run.last_good = snapshot
-    return result
 
 
 def can_roll_back(run: Run) -> bool:
@@ -508,7 +524,8 @@ def save(run: Run) -> Path:
 def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
     """Final evaluation and checkpoint; the best adapters into adapter/; the summary (printed and saved)."""
     acc, p, out = run.accelerator, run.progress, run.out
-    result = validate(run, tracker, final=True)
+    result, record = validate(run, tracker)
+    respond(run, tracker, judge(run, record), record, final=True)
     final_ckpt = save(run)
     digests = gather_objects(run.npt.adapter_digest())
     if len(set(digests)) > 1:
@@ -539,6 +556,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "adapter_sha256_per_process": digests,
         "warnings": dict(run.monitor.fired),
         "healthy_signs": run.monitor.healthy_summary(),
+        "provenance": provenance(str(acc.device), f"{dtype_name(next(run.npt.model.parameters()).dtype)} weights, {acc.mixed_precision} autocast"),
     }
     if run.is_main:
         run.npt.save_pretrained(out / "adapter", state_dict=run.best["adapters"])

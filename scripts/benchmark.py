@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -57,8 +58,9 @@ from npt.kl import real_tokens
 from npt.layer import parse_modulate
 from npt.loading import DTYPES, load_model
 from npt.losses import LayerTensors, LossConfig, NPTLoss
-from npt.model import AdapterArguments, NPTModel, randomize_adapters
+from npt.model import AdapterArguments, NPTModel
 from npt.objective import EquivalenceObjective
+from npt.provenance import provenance
 
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
@@ -112,6 +114,15 @@ def build_model(spec: BenchSpec):
     return model
 
 
+@torch.no_grad()
+def mid_training(npt_model: NPTModel, seed: int, scale: float = 0.05) -> None:
+    """Random adapter weights, as mid-training: a fresh adapter (B_f = 0) adds nothing, so a
+    contender that computed the delta wrongly would still agree with the others."""
+    g = torch.Generator().manual_seed(seed)
+    for p in npt_model.adapter_parameters():
+        p.copy_(torch.randn(p.shape, generator=g).to(p) * scale)
+
+
 class TeacherForward:
     name = "teacher forward (floor)"
 
@@ -133,7 +144,7 @@ class ProjectStep:
         self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain,
                                     modulate=spec.modulate)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
-        randomize_adapters(self.npt, spec.seed + 1, scale=0.05)
+        mid_training(self.npt, spec.seed + 1)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
         self.objective = EquivalenceObjective(self.npt, loss)
         self.objective.reuse_prefix = self.reuse_prefix
@@ -204,7 +215,7 @@ class OriginalStep:
         if adapters is not None:
             self.student.load_adapter_state_dict(adapters)
         else:
-            randomize_adapters(self.student, spec.seed + 1, scale=0.05)
+            mid_training(self.student, spec.seed + 1)
         self.loss = NPTLoss(LossConfig(loss_type=spec.loss_type), len(self.student.npt_config.layers))
         self.opt = torch.optim.AdamW(list(self.student.adapter_parameters()), lr=1e-4)
         self.autocast = spec.device.startswith("cuda") and spec.dtype != "float32"
@@ -464,6 +475,7 @@ class BenchArguments:
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     compare_ranks: str | None = dataclasses.field(default=None, metadata={
         "help": "instead of the contenders: the default recipe's free-running step at each adapter size r x k (e.g. 16x16,32x16; 16x16-nogain: without the gate gain; 16x32+up, 16x32+up+down: dual and triple modulation), side by side"})
+    output_json: str | None = dataclasses.field(default=None, metadata={"help": "also write the figures, each shape's printed report and the provenance (command, commit, date, machine) to this file"})
     memory_child: str | None = dataclasses.field(default=None, metadata={"help": argparse.SUPPRESS})
 
 
@@ -475,23 +487,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shapes = [args.model_name] if args.model_name else args.shapes.split(",")
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads\n")
+    records = []
     for shape in shapes:
         spec = spec_for(shape, args, adapter)
+        record = {"spec": dataclasses.asdict(spec)}
         if args.compare_ranks:
-            print(rank_costs(spec, parse_sizes(args.compare_ranks), args.rounds, args.steps))
-            continue
-        which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
-        times = time_contenders(spec, args.rounds, args.steps, which=which)
-        memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
-        dtypes = {spec.compute_dtype} | {getattr(CONTENDERS[k], "compute_dtype", spec.compute_dtype) for k in which}
-        print(report(spec, times, memory, {d: matmul_rate(spec, d) for d in sorted(dtypes)}))
-        if args.peak_tflops:  # a device's datasheet peak (a GPU's), next to the measured matmul rate
-            flops = step_flops(spec)
-            achieved = flops["project"] / times["project"] / 1e12
-            print(f"Project step: {achieved:.1f} TFLOP/s of matmul work, {achieved / args.peak_tflops:.1%} of the {args.peak_tflops:g} TFLOP/s peak.")
-        print()
-        if args.scaling:
-            print(scaling(spec, args))
+            record["report"] = rank_costs(spec, parse_sizes(args.compare_ranks), args.rounds, args.steps)
+            print(record["report"])
+        else:
+            which = tuple(k for k in CONTENDERS if k in {"teacher", "project", *args.contenders.split(",")})
+            times = time_contenders(spec, args.rounds, args.steps, which=which)
+            memory = None if args.no_memory else {k: measure_memory(spec, k) for k in which}
+            dtypes = {spec.compute_dtype} | {getattr(CONTENDERS[k], "compute_dtype", spec.compute_dtype) for k in which}
+            rates = {d: matmul_rate(spec, d) for d in sorted(dtypes)}
+            record |= {"seconds_per_step": times, "peak_memory_mb": memory, "matmul_flops_per_s": rates, "flops_per_step": step_flops(spec),
+                       "report": report(spec, times, memory, rates)}
+            print(record["report"])
+            if args.peak_tflops:  # a device's datasheet peak (a GPU's), next to the measured matmul rate
+                achieved = record["flops_per_step"]["project"] / times["project"] / 1e12
+                record["peak_tflops"] = args.peak_tflops
+                print(f"Project step: {achieved:.1f} TFLOP/s of matmul work, {achieved / args.peak_tflops:.1%} of the {args.peak_tflops:g} TFLOP/s peak.")
+            print()
+            if args.scaling:
+                record["scaling_report"] = scaling(spec, args)
+                print(record["scaling_report"])
+        records.append(record)
+    if args.output_json:
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        Path(args.output_json).write_text(json.dumps({"kind": "benchmark", "provenance": provenance(args.device, dtype), "shapes": records}, indent=2) + "\n")
+        print(f"Written: {args.output_json}")
     return 0
 
 

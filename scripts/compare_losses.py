@@ -27,6 +27,7 @@ from _jobs import run_all
 from npt.config import Config, parse_args
 from npt.errors import NPTError
 from npt.evaluate import greedy_cell
+from npt.provenance import provenance
 from npt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write_report(rows: list[dict], output_dir: Path) -> None:
     (output_dir / "results.md").write_text(table(rows) + "\n")
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (output_dir / "results.json").write_text(json.dumps({"kind": "ablation", "provenance": provenance(), "rows": rows}, indent=2, default=str) + "\n")
     plot(rows, output_dir / "heldout_error.png")
 
 

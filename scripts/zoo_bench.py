@@ -28,6 +28,7 @@ from _jobs import run_all
 from npt.config import parse_args
 from npt.errors import NPTError
 from npt.evaluate import greedy_cell
+from npt.provenance import provenance
 from npt.loading import resolve_model_path
 from npt.teachers import EMBEDDED_NAME, ZOO, ZOO_PREFIX, zoo_recipe
 from npt.train import train
@@ -123,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write_report(rows: list[dict], flags: list[str], output_dir: Path) -> None:
     (output_dir / "results.md").write_text(table(rows, flags) + "\n")
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (output_dir / "results.json").write_text(json.dumps({"kind": "zoo", "flags": flags, "provenance": provenance(), "rows": rows}, indent=2, default=str) + "\n")
     plot(rows, output_dir / "ratio.png")
 
 

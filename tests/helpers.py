@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from npt.model import randomize_adapters  # noqa: F401 (re-exported for the tests)
 from npt.teachers import TeacherRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +58,12 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@torch.no_grad()
+def randomize_adapters(npt_model, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every adapter weight a random value (a fresh adapter has B_f = 0: attention dropped),
+    for tests that need a student that is not exact."""
+    g = torch.Generator().manual_seed(seed)
+    for p in npt_model.adapter_parameters():
+        p.copy_(torch.randn(p.shape, generator=g).to(p) * scale)

@@ -26,7 +26,10 @@ def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_te
     for name in variants.split(";"):
         assert f"| {name} |" in table
     assert "| before training (attention dropped) |" in table
-    rows = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "ablation" and "compare_losses.py --output_dir" in results["provenance"]["command"]
+    assert results["provenance"]["machine"]["cores"] >= 1 and results["provenance"]["date"].startswith("20")
+    rows = results["rows"]
     assert [r["variant"] for r in rows] == variants.split(";")
     assert all([h["step"] for h in r["summary"]["eval_history"]] == [0, 5, 10] for r in rows)
     # the variants really ran with their own settings, on the same model and budget

@@ -27,9 +27,9 @@ def test_original_and_project_designs_compute_the_same_layer_losses(num_ranks):
 
 
 @pytest.mark.slow
-def test_benchmark_script_prints_the_table():
+def test_benchmark_script_prints_the_table(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--shapes", "tiny", "--rounds", "1", "--steps", "1", "--device", "cpu",
-           "--contenders", "original,free,free_bf16"]
+           "--contenders", "original,free,free_bf16", "--output_json", str(tmp_path / "bench.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -42,6 +42,14 @@ def test_benchmark_script_prints_the_table():
     assert all(float(r[5]) > 0 and r[6].strip().endswith("%") for r in rows)  # GFLOP/s and the fraction of the measured matmul rate
     mem = [float(r[7]) for r in rows[1:]]
     assert all(m > 0 for m in mem)
+    # the same figures, machine-readable, with where they come from
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["kind"] == "benchmark" and "benchmark.py --shapes tiny" in result["provenance"]["command"]
+    assert result["provenance"]["machine"]["dtype"] == "float32" and result["provenance"]["machine"]["threads"] >= 1
+    (shape,) = result["shapes"]
+    assert shape["report"] in out and shape["spec"]["shape"] == "tiny"
+    t = shape["seconds_per_step"]
+    assert f"| {t['project'] * 1e3:.1f} | " in out and f"{t['project'] / t['teacher']:.2f}" in out
 
 
 def test_matmul_counts_of_the_real_teacher_shape():

@@ -133,7 +133,7 @@ def test_each_family_converts_with_its_placement_and_computes_the_formula(name, 
         rec, layer = records[idx], npt_layer.layer
         with torch.no_grad():
             torch.testing.assert_close(rec.attn, _hand_attention(name, layer, rec.inputs, rec.attn_kwargs), rtol=1e-5, atol=1e-6)
-            ours, _ = npt_layer(rec.inputs, npt_student_attn=rec.attn)
+            ours, _ = npt_layer.call("student_output", rec.inputs, rec.attn)
             hand = _hand_npt_layer(name, layer, npt_layer.adapter, rec.inputs, rec.attn)
             unmodulated = _hand_npt_layer(name, layer, npt_layer.adapter, rec.inputs, rec.attn, modulated=False)
         update, hand_update = ours - rec.inputs, hand - rec.inputs

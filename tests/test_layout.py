@@ -13,7 +13,7 @@ from helpers import ROOT, script_env
 # The flow of docs/architecture.md: a module may import only modules before it.
 ORDER = ["errors", "logs", "corpus", "gguf", "data", "teachers", "architecture", "kl", "capture", "verify", "layer", "serialization", "distributed",
          "loading", "model", "schedules", "weighting", "losses", "objective", "evaluate", "monitor", "metrics", "divergence", "optim",
-         "checkpoint", "run", "config", "train", "inject", "commands", "cli"]
+         "checkpoint", "run", "config", "provenance", "train", "inject", "commands", "cli"]
 PACKAGE = ROOT / "npt"
 
 

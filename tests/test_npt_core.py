@@ -74,7 +74,7 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
         torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
         total = sum(d.pow(2).sum() for d in (d_g, d_u, d_d))
         torch.testing.assert_close(frob2[0, t], total, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer(None, npt_regularizer_of=attn)[0, t], total, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.call("regularizer", attn)[0, t], total, rtol=1e-4, atol=1e-6)
 
 
 def test_a_gain_of_one_doubles_the_gate_weights_not_the_gate_bias():
@@ -311,7 +311,7 @@ def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
     assert list(deltas[1]) == modulate.split(",")
     with torch.no_grad():
         records, _ = run_student(npt, x)
-        frob2 = npt.npt_layers[1](None, npt_regularizer_of=records[1].attn)[0, 6]
+        frob2 = npt.npt_layers[1].call("regularizer", records[1].attn)[0, 6]
     torch.testing.assert_close(sum(d.pow(2).sum() for d in deltas[1].values()), frob2, rtol=1e-4, atol=1e-6)
     model = npt.unload()
     mlp = model.model.layers[1].mlp

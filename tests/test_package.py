@@ -43,6 +43,10 @@ def test_installed_commands_train_evaluate_generate_and_inject_from_outside_the_
     run(["npt-pretrain", "--config", "fast", "--model_name", str(trained_teacher_dir), "--output_dir", "run", "--max_steps", "8",
          "--max_length", "32", "--batch_size", "4", "--eval_blocks", "6", "--eval_steps", "4", "--num_samples", "0", "--no-progress"], installed, work)
     summary = json.loads((work / "run" / "summary.json").read_text())
+    # where the figures come from: the command as typed, this machine (an installed copy has no git commit)
+    prov = summary["provenance"]
+    assert prov["command"].startswith("npt-pretrain --config fast --model_name") and prov["commit"] is None
+    assert prov["machine"]["device"] == "cpu" and prov["machine"]["dtype"].startswith("float32 weights")
     assert json.loads((work / "run" / "config.json").read_text())["distill_temperature"] == 2.0  # the fast recipe
 
     # evaluate: on the run's own held-out split, the numbers of the run's final summary

@@ -15,7 +15,7 @@ from npt.checkpoint import collect_state
 from npt.cli import main
 from npt.config import parse_args
 from npt.serialization import load_adapter_weights
-from npt.train import rollback, setup, start, validate
+from npt.train import judge, respond, rollback, setup, start, validate
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,9 @@ def test_a_rollback_restores_the_last_good_adapters_and_optimizer_state_and_lowe
     cfg = parse_args(tiny_args(trained_teacher_dir, tmp_path / "run", "--max_steps", "10"))
     run = setup(cfg)
     tracker = start(run)
-    validate(run, tracker)  # step 0: the start, the best and the last good state
+    _, record = validate(run, tracker)  # step 0: the start ...
+    respond(run, tracker, judge(run, record), record)  # ... kept as the best and the last good state
+    assert run.last_good is not None and run.best["step"] == 0
     good = collect_state(run, with_data=False)
     # a few real steps at a huge learning rate move adapters and optimizer state far away
     for group in run.optimizer.param_groups:

@@ -1,0 +1,70 @@
+"""Every measured figure the docs quote comes from a results file: the generated tables agree with
+their files, and each file says where its figures come from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+render = load_script("render_results")
+
+
+def test_every_generated_table_agrees_with_its_results_files():
+    assert render.stale() == []
+
+
+def test_the_docs_generate_tables_from_files_that_exist_and_say_where_they_come_from():
+    files = set()
+    for doc in render.documents():
+        for m in render.BLOCK.finditer(doc.read_text()):
+            assert m.group(2) in render.KINDS, (doc, m.group(1))
+            files |= set(m.group(3).split())
+    assert files, "no generated table in README.md or docs/"
+    for path in sorted(files):
+        prov = json.loads((ROOT / path).read_text())["provenance"]
+        assert prov["command"] and prov["date"][:2] == "20" and len(prov["commit"] or "") == 40, path
+        assert {"cores", "threads", "device", "dtype"} <= prov["machine"].keys(), path
+    # and every committed results file is quoted somewhere
+    committed = {str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.json")}
+    assert committed <= files, committed - files
+
+
+def _summary(kl: float, steps: int, command: str) -> dict:
+    ev = {"step": steps, "kl": kl, "kl_stderr": 0.01, "top1_agreement": 0.875, "top1_stderr": 0.01, "ppl_ratio": 1.0421, "rel_error_mean": 0.25,
+          "greedy_match": 3.25, "greedy_tokens": 32}
+    before = ev | {"step": 0, "kl": 0.5}
+    return {"steps": steps, "tokens_seen": steps * 256, "train_seconds": 123.4, "rollbacks": [], "eval": ev, "eval_before": before,
+            "eval_history": [before, ev],
+            "provenance": {"command": command, "commit": "a" * 40, "dirty": False, "date": "2026-12-02T10:00:00+00:00",
+                           "machine": {"cores": 2, "threads": 1, "device": "cpu", "device_name": "x86_64", "dtype": "float32 weights, bf16 autocast"}}}
+
+
+def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "a.json").write_text(json.dumps(_summary(0.1234, 100, "npt-pretrain --max_steps 100")))
+    (tmp_path / "docs" / "results" / "b.json").write_text(json.dumps(_summary(0.0567, 100, "npt-pretrain --max_steps 100 --num_ranks 8")))
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- results runs: docs/results/a.json docs/results/b.json -->\nold\n<!-- /results -->\nend\n")
+    assert render.stale() == ["README.md: <!-- results runs: docs/results/a.json docs/results/b.json -->"]
+    assert render.main([]) == 0 and render.stale() == []
+    text = doc.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    # the flags that tell the runs apart; KL +- 1.96 standard errors; the figures as measured
+    assert rows[0].startswith("| `defaults` | 100 | 25,600 | 0.500 -> **0.1234 +- 0.0196** | 87.5% | 3.2 / 32 | 1.042 | 123 | 0 |")
+    assert rows[1].startswith("| `--num_ranks 8` | 100 | 25,600 | 0.500 -> **0.0567 +- 0.0196** |")
+    assert "`npt-pretrain --max_steps 100 --num_ranks 8`, commit aaaaaaa, 2026-12-02, 2 CPU cores, 1 thread(s), float32 weights, bf16 autocast" in text
+    assert text.startswith("intro\n") and text.endswith("<!-- /results -->\nend\n")
+    doc.write_text(text.replace("0.0567", "0.0500"))
+    assert len(render.stale()) == 1 and render.main(["--check"]) == 1
+
+
+def test_an_unknown_table_kind_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text("<!-- results pie: x.json -->\n<!-- /results -->\n")
+    with pytest.raises(SystemExit, match="unknown table kind 'pie'"):
+        render.stale()
