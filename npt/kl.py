@@ -21,8 +21,7 @@ def kl_chunk_tokens(vocab_size: int, device: torch.device) -> int:
     """Tokens per chunk. On CUDA a chunk's logits hold 2^27 elements (512 MB in float32; a 128k
     vocabulary gets 1024 tokens), so that each chunk's matmul, which reads the whole [vocab, d]
     head, is compute-bound rather than bound by reading the head again and again. On CPU, 2^23
-    elements (32 MB): measured on the mid-size benchmark, the free-running step took 2.4 s against
-    3.2 s with 2^25, larger buffers costing page faults."""
+    elements (32 MB): larger buffers were slower on the mid-size benchmark (page faults)."""
     elements = 2**27 if device.type == "cuda" else 2**23
     return max(1, elements // vocab_size)
 

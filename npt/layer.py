@@ -33,7 +33,7 @@ Why the gain: the teacher's MLP reads Norm_f(h + a), the NPT layer's Norm_f(h); 
 rms(h) / rms(h + a) scales the teacher's whole gate and up input per token, a change of W_g and
 W_u by a multiple of themselves, which no rank-k delta can make. It scales W x, not the bias. The
 down projection reads y, which no such ratio scales: it has no gain. What the gain and the
-variants buy, and cost, is measured in docs/zoo.md and docs/performance.md.
+variants buy, and cost, is measured in docs/zoo.md, docs/performance.md and CHANGELOG.md.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .verify import prove_conversion, record_teacher
 class AdapterArguments:
     npt_layers: str = HfArg(default="all", help="Layers to convert: all, upper_half, lower_half, or indices/ranges such as '0,2,5-7'.")
     adapter_rank: int = HfArg(default=16, help="Adapter bottleneck rank r (A: d_model -> r).")
-    num_ranks: int = HfArg(default=32, help="Number k of rank-1 gate modulations per token (the guide: 1; 32 is the measured default recipe, docs/zoo.md).")
+    num_ranks: int = HfArg(default=32, help="Number k of rank-1 gate modulations per token (the guide: 1; 32 is the default recipe, chosen by measurement: CHANGELOG.md).")
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")

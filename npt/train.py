@@ -98,6 +98,7 @@ class Run:
     eval_history: list = dataclasses.field(default_factory=list)
     best: dict | None = None  # the evaluation with the lowest KL, and its adapters
     greedy_samples: list = dataclasses.field(default_factory=list)  # the last evaluation's greedy continuations
+    provenance: dict = dataclasses.field(default_factory=dict)  # the command, commit, date and machine, taken when the run starts
     last_good: dict | None = None  # in memory: the state of the last good evaluation (rollback target)
 
     @property
@@ -132,8 +133,8 @@ def native_bf16(use_cpu: bool) -> bool:
 def mixed_precision(cfg: Config, use_cpu: bool) -> str:
     """--mixed_precision, where `auto` takes accelerate's own setting (`accelerate launch
     --mixed_precision bf16`, or its config file) when there is one, else bf16 autocast where the
-    device multiplies bf16 natively (measured: the same held-out KL as float32, 1.4-1.7x the
-    tokens/s on an AVX512-BF16 CPU; docs/performance.md), else fp16 on CUDA and none on a CPU."""
+    device multiplies bf16 natively (the same held-out KL as float32, at a higher rate of tokens on
+    a CPU with AVX512-BF16: CHANGELOG.md), else fp16 on CUDA and none on a CPU."""
     mp = cfg.run.mixed_precision
     if mp == "auto":  # accelerate launch passes its setting in the environment
         mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if native_bf16(use_cpu) else ("no" if use_cpu else "fp16"))
@@ -227,7 +228,9 @@ def setup(cfg: Config) -> Run:
     optimizer = accelerator.prepare(build_optimizer(cfg.optim, list(npt.adapter_parameters()), loss))
     run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files),
               policy=DivergencePolicy(patience=cfg.run.divergence_patience),
-              monitor=ConvergenceMonitor(free_running_layers_trained=cfg.loss.free_running_layer_weight > 0))
+              monitor=ConvergenceMonitor(free_running_layers_trained=cfg.loss.free_running_layer_weight > 0),
+              # taken now, with the source as this process loaded it (files edited later do not count)
+              provenance=provenance(str(accelerator.device), f"{dtype_name(next(model.parameters()).dtype)} weights, {accelerator.mixed_precision} autocast"))
     if saved is not None:
         apply_state(run, saved)
         run.last_good = collect_state(run, with_data=False)
@@ -556,7 +559,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "adapter_sha256_per_process": digests,
         "warnings": dict(run.monitor.fired),
         "healthy_signs": run.monitor.healthy_summary(),
-        "provenance": provenance(str(acc.device), f"{dtype_name(next(run.npt.model.parameters()).dtype)} weights, {acc.mixed_precision} autocast"),
+        "provenance": run.provenance,
     }
     if run.is_main:
         run.npt.save_pretrained(out / "adapter", state_dict=run.best["adapters"])

@@ -12,7 +12,8 @@ its results files (paths from the repository root):
     <!-- /results -->
 
 Kinds: `runs` (one row per main-job summary.json: KL, top-1, greedy match, ratio, time), `curve`
-(one summary's held-out evaluations against steps and tokens), `zoo` (scripts/zoo_bench.py's
+(one summary's held-out evaluations against steps and tokens), `extrapolation` (a power law of
+KL against tokens fitted to one summary's curve, and its cost for Llama-3.2-1B), `zoo` (scripts/zoo_bench.py's
 results.json), `ablation` (scripts/compare_losses.py's), `benchmark` (scripts/benchmark.py
 --output_json's reports). Each table ends with where its figures come from: the command, the
 commit, the date and the machine, as the results file records them.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 import sys
@@ -29,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from npt.provenance import describe  # noqa: E402
 
@@ -48,9 +51,24 @@ def _kl(e: dict) -> str:
     return f"{e['kl']:.4f} +- {1.96 * e['kl_stderr']:.4f}"
 
 
+BOOKKEEPING = {"--output_dir": 1, "--no-progress": 0, "--overwrite_output_dir": 0}  # flags that do not change a result, and their values
+
+
+def _flags(command: str) -> list[str]:
+    out, skip = [], 0
+    for tok in shlex.split(command)[1:]:
+        if skip:
+            skip -= 1
+        elif tok in BOOKKEEPING:
+            skip = BOOKKEEPING[tok]
+        else:
+            out.append(tok)
+    return out
+
+
 def _labels(commands: list[str]) -> list[str]:
     """Each command's own flags: the tokens that not every command shares ("defaults" when none)."""
-    tokens = [shlex.split(c)[1:] for c in commands]
+    tokens = [_flags(c) for c in commands]
     common = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
     return [" ".join(t for t in toks if t not in common) or "defaults" for toks in tokens]
 
@@ -108,13 +126,54 @@ def ablation(paths: list[str]) -> str:
     return "\n".join(lines + ["", "From:", *_sources(results)])
 
 
-def benchmark(paths: list[str]) -> str:
+def benchmark_reports(paths: list[str]) -> str:
     results = [load(p) for p in paths]
     parts = [shape["report"].strip() for res in results for shape in res["shapes"]]
     return "\n\n".join(parts + ["From:\n" + "\n".join(_sources(results))])
 
 
-KINDS = {"runs": runs, "curve": curve, "zoo": zoo, "ablation": ablation, "benchmark": benchmark}
+# the extrapolation's GPU: an H100's dense bf16 peak, at a utilisation a tuned training step reaches
+GPU_PEAK_FLOPS, GPU_UTILISATION = 989e12, 0.4
+
+
+def power_law(tokens: list[float], kls: list[float]) -> tuple[float, float]:
+    """(a, b) of KL = a T^-b, least squares in log-log."""
+    xs, ys = [math.log(t) for t in tokens], [math.log(k) for k in kls]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - slope * mx), -slope
+
+
+def extrapolation(paths: list[str]) -> str:
+    """KL against tokens, fitted on the second half of a run's evaluations, and what reaching KL 0.5
+    and 0.2 would cost for Llama-3.2-1B by the FLOPs of its free-running step."""
+    (path,) = paths
+    s = load(path)
+    per_step = s["tokens_seen"] / max(s["steps"], 1)
+    points = [(h["step"] * per_step, h["kl"]) for h in s["eval_history"] if h["step"] >= s["steps"] / 2 and h["kl"] > 0]
+    if len(points) < 3:
+        return f"Too few evaluations in the second half of the run ({len(points)}) to fit a curve."
+    a, b = power_law(*zip(*points))
+    head = (f"**Extrapolation**, not a measurement: `KL = {a:.3g} T^-{b:.3f}` (T tokens) fitted to the held-out KL of the run's second "
+            f"half ({len(points)} evaluations, steps {points[0][0] / per_step:.0f}-{points[-1][0] / per_step:.0f}; its last 20% are the "
+            "learning-rate decay, which makes the fit optimistic).")
+    if b <= 0:
+        return head + " The KL does not fall over that stretch: no number of tokens reaches a lower KL on this curve."
+    import benchmark as bench  # the benchmark's matmul count of a step (scripts/ is on the path)
+
+    spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
+    per_token = bench.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
+    lines = [head, ""]
+    for target in (0.5, 0.2):
+        tokens = (a / target) ** (1 / b)
+        hours = tokens * per_token / (GPU_PEAK_FLOPS * GPU_UTILISATION) / 3600
+        lines.append(f"- KL {target}: {tokens:.2g} tokens; for Llama-3.2-1B (all 16 layers, its free-running step "
+                     f"{per_token / 1e9:.1f} GFLOP per token of matmul work), {hours:.2g} GPU hours at {GPU_UTILISATION:.0%} of an H100's "
+                     f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, if it needed as many tokens as this run's model.")
+    return "\n".join(lines + ["", "From:", *_sources([s])])
+
+
+KINDS = {"runs": runs, "curve": curve, "extrapolation": extrapolation, "zoo": zoo, "ablation": ablation, "benchmark": benchmark_reports}
 
 
 def render(text: str) -> str:

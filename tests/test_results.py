@@ -63,6 +63,26 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     assert len(render.stale()) == 1 and render.main(["--check"]) == 1
 
 
+def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, monkeypatch):
+    """KL = 2 T^-1/2 exactly on the second half (the first half, off the law, is left out): KL 0.5
+    at (2 / 0.5)^2 = 16 tokens, 0.2 at 100; GPU hours = tokens x FLOPs per token / (0.4 x 989e12)."""
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    s = _summary(0.1, 8, "npt-pretrain")
+    s["tokens_seen"], s["steps"] = 8, 8  # one token per step
+    s["eval_history"] = [{"step": t, "kl": 9.0 if t < 4 else 2.0 * t**-0.5} for t in range(1, 9)]
+    (tmp_path / "curve.json").write_text(json.dumps(s))
+    text = render.extrapolation(["curve.json"])
+    assert "`KL = 2 T^-0.500`" in text and "5 evaluations, steps 4-8" in text
+    bench = load_script("benchmark")
+    spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
+    per_token = bench.step_flops(spec)["free"] / (8 * 2048)
+    assert f"- KL 0.5: 16 tokens;" in text and f"- KL 0.2: 1e+02 tokens;" in text
+    assert f"{16 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
+    s["eval_history"] = [{"step": t, "kl": 0.1 * t} for t in range(1, 9)]  # rising: nothing to extrapolate
+    (tmp_path / "curve.json").write_text(json.dumps(s))
+    assert "does not fall" in render.extrapolation(["curve.json"])
+
+
 def test_an_unknown_table_kind_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "ROOT", tmp_path)
     (tmp_path / "README.md").write_text("<!-- results pie: x.json -->\n<!-- /results -->\n")
