@@ -74,18 +74,30 @@ def _labels(commands: list[str]) -> list[str]:
 
 
 def _sources(results: list[dict]) -> list[str]:
-    return [f"- {describe(r['provenance'])}" for r in results]
+    """Each file's provenance line, its command without the flags that change no figure."""
+    lines = []
+    for r in results:
+        prov = dict(r["provenance"])
+        prov["command"] = shlex.join([shlex.split(prov["command"])[0], *_flags(prov["command"])])
+        lines.append(f"- {describe(prov)}")
+    return lines
+
+
+def _kept(s: dict) -> str:
+    """The kept evaluation's KL, and its step when it is not the last one."""
+    e = s["eval"]
+    return f"**{_kl(e)}**" + (f" (step {e['step']})" if e["step"] != s["steps"] else "")
 
 
 def runs(paths: list[str]) -> str:
     results = [load(p) for p in paths]
-    lines = ["| run | steps | tokens | KL before -> after (nats/token, 95%) | top-1 agreement | greedy match | perplexity ratio | training (s) | rollbacks |",
+    lines = ["| run | steps | tokens | KL before -> kept (nats/token, 95%) | top-1 agreement | greedy match | perplexity ratio | training (s) | rollbacks |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, s in zip(_labels([r["provenance"]["command"] for r in results]), results):
         b, e = s["eval_before"], s["eval"]
-        lines.append(f"| `{label}` | {s['steps']} | {s['tokens_seen']:,} | {b['kl']:.3f} -> **{_kl(e)}** | {e['top1_agreement']:.1%} | {_greedy(e)} "
+        lines.append(f"| `{label}` | {s['steps']} | {s['tokens_seen']:,} | {b['kl']:.3f} -> {_kept(s)} | {e['top1_agreement']:.1%} | {_greedy(e)} "
                      f"| {e['ppl_ratio']:.3f} | {s['train_seconds']:.0f} | {len(s['rollbacks'])} |")
-    return "\n".join(lines + ["", "The adapters of the evaluation with the lowest held-out KL; from:", *_sources(results)])
+    return "\n".join(lines + ["", "Kept: the evaluation with the lowest held-out KL (the adapters a run saves). From:", *_sources(results)])
 
 
 def curve(paths: list[str]) -> str:
@@ -163,14 +175,15 @@ def extrapolation(paths: list[str]) -> str:
 
     spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
     per_token = bench.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
-    lines = [head, ""]
+    cells = []
     for target in (0.5, 0.2):
         tokens = (a / target) ** (1 / b)
         hours = tokens * per_token / (GPU_PEAK_FLOPS * GPU_UTILISATION) / 3600
-        lines.append(f"- KL {target}: {tokens:.2g} tokens; for Llama-3.2-1B (all 16 layers, its free-running step "
-                     f"{per_token / 1e9:.1f} GFLOP per token of matmul work), {hours:.2g} GPU hours at {GPU_UTILISATION:.0%} of an H100's "
-                     f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, if it needed as many tokens as this run's model.")
-    return "\n".join(lines + ["", "From:", *_sources([s])])
+        cells.append(f"KL {target} after {tokens:.2g} tokens, {hours:.2g} GPU hours")
+    return "\n".join([head, "", f"{'; '.join(cells)}: for Llama-3.2-1B (all 16 layers converted; its free-running step "
+                      f"{per_token / 1e9:.1f} GFLOP of matmul work per token) at {GPU_UTILISATION:.0%} of an H100's "
+                      f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, if it needed as many tokens as this run's model.",
+                      "", "From:", *_sources([s])])
 
 
 KINDS = {"runs": runs, "curve": curve, "extrapolation": extrapolation, "zoo": zoo, "ablation": ablation, "benchmark": benchmark_reports}

@@ -76,8 +76,8 @@ def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, m
     bench = load_script("benchmark")
     spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
     per_token = bench.step_flops(spec)["free"] / (8 * 2048)
-    assert f"- KL 0.5: 16 tokens;" in text and f"- KL 0.2: 1e+02 tokens;" in text
-    assert f"{16 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
+    assert f"KL 0.5 after 16 tokens, {16 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
+    assert f"KL 0.2 after 1e+02 tokens, {100 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
     s["eval_history"] = [{"step": t, "kl": 0.1 * t} for t in range(1, 9)]  # rising: nothing to extrapolate
     (tmp_path / "curve.json").write_text(json.dumps(s))
     assert "does not fall" in render.extrapolation(["curve.json"])
