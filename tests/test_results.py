@@ -47,7 +47,9 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     monkeypatch.setattr(render, "ROOT", tmp_path)
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "a.json").write_text(json.dumps(_summary(0.1234, 100, "npt-pretrain --max_steps 100")))
-    (tmp_path / "docs" / "results" / "b.json").write_text(json.dumps(_summary(0.0567, 100, "npt-pretrain --max_steps 100 --num_ranks 8")))
+    b = _summary(0.0567, 100, "npt-pretrain --max_steps 100 --num_ranks 8 --output_dir runs/b --no-progress")
+    b["eval"]["step"] = 50  # kept from an earlier evaluation than the last
+    (tmp_path / "docs" / "results" / "b.json").write_text(json.dumps(b))
     doc = tmp_path / "README.md"
     doc.write_text("intro\n<!-- results runs: docs/results/a.json docs/results/b.json -->\nold\n<!-- /results -->\nend\n")
     assert render.stale() == ["README.md: <!-- results runs: docs/results/a.json docs/results/b.json -->"]
@@ -56,7 +58,7 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     # the flags that tell the runs apart; KL +- 1.96 standard errors; the figures as measured
     assert rows[0].startswith("| `defaults` | 100 | 25,600 | 0.500 -> **0.1234 +- 0.0196** | 87.5% | 3.2 / 32 | 1.042 | 123 | 0 |")
-    assert rows[1].startswith("| `--num_ranks 8` | 100 | 25,600 | 0.500 -> **0.0567 +- 0.0196** |")
+    assert rows[1].startswith("| `--num_ranks 8` | 100 | 25,600 | 0.500 -> **0.0567 +- 0.0196** (step 50) |")  # bookkeeping flags left out
     assert "`npt-pretrain --max_steps 100 --num_ranks 8`, commit aaaaaaa, 2026-12-02, 2 CPU cores, 1 thread(s), float32 weights, bf16 autocast" in text
     assert text.startswith("intro\n") and text.endswith("<!-- /results -->\nend\n")
     doc.write_text(text.replace("0.0567", "0.0500"))
