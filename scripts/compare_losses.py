@@ -80,6 +80,7 @@ def variant_config(flags: list[str], common: list[str], output_dir: Path) -> Con
 
 
 def run_ablation(names: list[str], common: list[str], output_dir: Path, jobs: int = 1) -> list[dict]:
+    started = provenance()  # the source as this process loaded it, before any run
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise NPTError(f"Unknown ablation variant(s) {unknown}.", f"Choose among: {', '.join(VARIANTS)}.")
@@ -88,7 +89,7 @@ def run_ablation(names: list[str], common: list[str], output_dir: Path, jobs: in
     rows = []
     for row in run_all(_train_one, [(name, cfg) for name, cfg in configs.items()], jobs):
         rows.append(row)
-        write_report(rows, output_dir)
+        write_report(rows, output_dir, started)
     return rows
 
 
@@ -151,9 +152,9 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], output_dir: Path) -> None:
+def write_report(rows: list[dict], output_dir: Path, started: dict) -> None:
     (output_dir / "results.md").write_text(table(rows) + "\n")
-    (output_dir / "results.json").write_text(json.dumps({"kind": "ablation", "provenance": provenance(), "rows": rows}, indent=2, default=str) + "\n")
+    (output_dir / "results.json").write_text(json.dumps({"kind": "ablation", "provenance": started, "rows": rows}, indent=2, default=str) + "\n")
     plot(rows, output_dir / "heldout_error.png")
 
 

@@ -53,6 +53,7 @@ def describe(name: str) -> dict:
 
 
 def run_zoo(models: list[str], flags: list[str], output_dir: Path, jobs: int = 1) -> list[dict]:
+    started = provenance()  # the source as this process loaded it, before any run
     output_dir.mkdir(parents=True, exist_ok=True)
     configs = {m: parse_args(["--model_name", m, "--output_dir", str(output_dir / m.replace(":", "-")), "--no-progress", "--num_samples", "0", *flags])
                for m in models}  # every config is validated before the first run
@@ -63,7 +64,7 @@ def run_zoo(models: list[str], flags: list[str], output_dir: Path, jobs: int = 1
     rows = []
     for row in run_all(_train_one, [(name, configs[name], teachers[name]) for name in models], jobs):
         rows.append(row)
-        write_report(rows, flags, output_dir)
+        write_report(rows, flags, output_dir, started)
     return rows
 
 
@@ -122,9 +123,9 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], flags: list[str], output_dir: Path) -> None:
+def write_report(rows: list[dict], flags: list[str], output_dir: Path, started: dict) -> None:
     (output_dir / "results.md").write_text(table(rows, flags) + "\n")
-    (output_dir / "results.json").write_text(json.dumps({"kind": "zoo", "flags": flags, "provenance": provenance(), "rows": rows}, indent=2, default=str) + "\n")
+    (output_dir / "results.json").write_text(json.dumps({"kind": "zoo", "flags": flags, "provenance": started, "rows": rows}, indent=2, default=str) + "\n")
     plot(rows, output_dir / "ratio.png")
 
 
