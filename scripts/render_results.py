@@ -22,6 +22,7 @@ commit, the date and the machine, as the results file records them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -29,11 +30,9 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from npt.provenance import describe
 
-from npt.provenance import describe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ["README.md", "docs/*.md"]
 BLOCK = re.compile(r"(<!-- results (\w+): ([^>]*?) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -148,6 +147,15 @@ def benchmark_reports(paths: list[str]) -> str:
 GPU_PEAK_FLOPS, GPU_UTILISATION = 989e12, 0.4
 
 
+def _benchmark_script():
+    """scripts/benchmark.py (a tool beside this one, not part of the package), loaded by its path."""
+    spec = importlib.util.spec_from_file_location("npt_script_benchmark", Path(__file__).resolve().parent / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def power_law(tokens: list[float], kls: list[float]) -> tuple[float, float]:
     """(a, b) of KL = a T^-b, least squares in log-log."""
     xs, ys = [math.log(t) for t in tokens], [math.log(k) for k in kls]
@@ -171,7 +179,7 @@ def extrapolation(paths: list[str]) -> str:
             "learning-rate decay, which makes the fit optimistic).")
     if b <= 0:
         return head + " The KL does not fall over that stretch: no number of tokens reaches a lower KL on this curve."
-    import benchmark as bench  # the benchmark's matmul count of a step (scripts/ is on the path)
+    bench = _benchmark_script()  # its matmul count of a step
 
     spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
     per_token = bench.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
