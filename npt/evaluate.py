@@ -121,10 +121,12 @@ class EvalSums:
     block_agree: torch.Tensor  # ... of the block's agreement
     block_agree_sq: torch.Tensor
 
+    PER_LAYER = ("err2", "update2", "cosine", "layer_tokens")  # the fields of shape [n]; the others are scalars
+
     @classmethod
     def zeros(cls, num_layers: int, device) -> "EvalSums":
-        return cls(**{f.name: torch.zeros(num_layers if i < 4 else (), dtype=torch.float64, device=device)
-                      for i, f in enumerate(dataclasses.fields(cls))})
+        return cls(**{f.name: torch.zeros(num_layers if f.name in cls.PER_LAYER else (), dtype=torch.float64, device=device)
+                      for f in dataclasses.fields(cls)})
 
     def all_reduced(self) -> "EvalSums":
         """The sums of every process (one collective over the fields flattened in their order)."""
@@ -166,8 +168,11 @@ def evaluate_sums(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int, at
         valid = real[:, :-1] & real[:, 1:]
         per_row = next_token_sums(t_out[:, :-1], s_out[:, :-1], x[:, 1:], valid, head)  # [B, 4]
         counts = valid.sum(-1).double()
-        sums.kl, sums.teacher_nll, sums.student_nll, sums.agree = (a + b for a, b in zip(
-            (sums.kl, sums.teacher_nll, sums.student_nll, sums.agree), per_row.sum(0).unbind()))
+        kl, teacher_nll, student_nll, agree = per_row.sum(0).unbind()
+        sums.kl += kl
+        sums.teacher_nll += teacher_nll
+        sums.student_nll += student_nll
+        sums.agree += agree
         sums.predicted += counts.sum()
         used = counts > 0
         block_kl, block_agree = per_row[used, 0] / counts[used], per_row[used, 3] / counts[used]
