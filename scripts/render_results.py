@@ -22,7 +22,6 @@ commit, the date and the machine, as the results file records them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -30,6 +29,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import benchmark  # the tool beside this one: the matmul count of a step
 from npt.provenance import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,15 +147,6 @@ def benchmark_reports(paths: list[str]) -> str:
 GPU_PEAK_FLOPS, GPU_UTILISATION = 989e12, 0.4
 
 
-def _benchmark_script():
-    """scripts/benchmark.py (a tool beside this one, not part of the package), loaded by its path."""
-    spec = importlib.util.spec_from_file_location("npt_script_benchmark", Path(__file__).resolve().parent / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def power_law(tokens: list[float], kls: list[float]) -> tuple[float, float]:
     """(a, b) of KL = a T^-b, least squares in log-log."""
     xs, ys = [math.log(t) for t in tokens], [math.log(k) for k in kls]
@@ -179,10 +170,8 @@ def extrapolation(paths: list[str]) -> str:
             "learning-rate decay, which makes the fit optimistic).")
     if b <= 0:
         return head + " The KL does not fall over that stretch: no number of tokens reaches a lower KL on this curve."
-    bench = _benchmark_script()  # its matmul count of a step
-
-    spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
-    per_token = bench.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
+    spec = benchmark.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
+    per_token = benchmark.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
     cells = []
     for target in (0.5, 0.2):
         tokens = (a / target) ** (1 / b)

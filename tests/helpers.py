@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -36,15 +34,6 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), attn_implementation="sdpa")
     return model.eval()
-
-
-def load_script(name: str):
-    """A tool of scripts/ (outside the package), imported by path."""
-    spec = importlib.util.spec_from_file_location(f"npt_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def script_env(**extra: str) -> dict:

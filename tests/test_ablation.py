@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, load_script, script_env
+from _jobs import run_all
+from helpers import ROOT, script_env
 
 from npt.model import AdapterArguments
 
@@ -56,7 +57,6 @@ def test_runs_in_parallel_come_back_in_order_each_on_its_share_of_the_cores():
     import operator
     import os
 
-    run_all = load_script("_jobs").run_all
     import torch
 
     calls = [(5, 1), (1, 5), (7, 7)]

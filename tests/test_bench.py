@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, load_script, script_env
+import benchmark as bench
+import plot_runs as plot
+from helpers import ROOT, script_env
 
-bench = load_script("benchmark")
 
 
 @pytest.mark.parametrize("num_ranks", [1, 3])
@@ -63,7 +64,6 @@ def test_matmul_counts_of_the_real_teacher_shape():
 
 
 def test_plot_runs_draws_the_held_out_curves_of_finished_runs(tmp_path):
-    plot = load_script("plot_runs")
     for name, kls in (("a", [2.0, 1.0]), ("b", [2.0, 0.5])):
         (tmp_path / name).mkdir()
         history = [{"step": s, "kl": k, "top1_agreement": 0.5, "ppl_ratio": 1 + k} for s, k in zip((0, 10), kls)]

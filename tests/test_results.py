@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+import benchmark as bench
+import render_results as render
 
 ROOT = Path(__file__).resolve().parents[1]
-render = load_script("render_results")
 
 
 def test_every_generated_table_agrees_with_its_results_files():
@@ -75,7 +75,6 @@ def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, m
     (tmp_path / "curve.json").write_text(json.dumps(s))
     text = render.extrapolation(["curve.json"])
     assert "`KL = 2 T^-0.500`" in text and "5 evaluations, steps 4-8" in text
-    bench = load_script("benchmark")
     spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
     per_token = bench.step_flops(spec)["free"] / (8 * 2048)
     assert f"KL 0.5 after 16 tokens, {16 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
