@@ -19,12 +19,10 @@ token (`modulate`: the gate; the gate and up, "dual"; gate, up and down, "triple
     out    = h + m Post_f(mlp)
 
     v_m[j] = c_m B_m[j] z,  v_f[j] = c_f B_f[j] z  (j = 1..k; u, w likewise, each with its own B_m, B_f, c_m, c_f)
-    w_m[j] = c_m c_in * (B_m[j] z)     with --down_channel_scale: c_in [d_ffn] scales each hidden channel
-                                       louder than the median one down to it (Modulation.calibrate_terms_)
     gamma  = b + r^-1/2 g . z          per projection that reads x (gate, up), with --gate_gain; 0 without
     dW     = gamma W + s sum_j v_f[j] v_m[j]^T                           the per-token delta of each matrix
 
-(A, B_m, B_f, g, b trained; c_a, c_m, c_f, c_in fixed multipliers set per model, see NPTAdapter.) The
+(A, B_m, B_f, g, b trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
 teacher's counterpart of each: W_g, W_u read Norm_f(h + m a), W_d reads the hidden that input
 makes, and the residual adds m a; the NPT layer has only h, and the deltas carry what a changed.
 No d_out x d_in delta is ever materialised: the dot-product form above is exact and costs
@@ -67,17 +65,10 @@ def parse_modulate(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for p in MODULATED if p in names)
 
 
-def check_down_channel_scale(modulated: tuple[str, ...], down_channel_scale: bool) -> None:
-    if down_channel_scale and "down" not in modulated:
-        raise NPTError(f"--down_channel_scale without the down modulation (--modulate {','.join(modulated)}).",
-                       "Pass --modulate gate,up,down with it, or drop it.")
-
-
 class Modulation(nn.Module):
     """A rank-k modulation of one projection W [d_out, d_in], read from the bottleneck z:
 
         v_m[j] = c_m B_m[j] z,   v_f[j] = c_f B_f[j] z,   gamma = b + r^-1/2 g . z  (with a gain)
-        v_m[j] = c_m c_in * (B_m[j] z)                                (with a per-channel c_in)
         W x + b  ->  (1 + gamma) W x + b + s sum_j v_f[j] (v_m[j] . x)
                   == (W + dW) x + b,   dW = gamma W + s sum_j v_f[j] v_m[j]^T
 
@@ -85,8 +76,7 @@ class Modulation(nn.Module):
     drawn from N(0, 1), B_f exactly zero: a fresh modulation adds nothing); the fixed multipliers
     c_m, c_f carry the model's scales (see NPTAdapter)."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, num_ranks: int, scale: float, gain: bool = False, attn_dim: int | None = None,
-                 channel_scale: bool = False):
+    def __init__(self, d_in: int, d_out: int, rank: int, num_ranks: int, scale: float, gain: bool = False, attn_dim: int | None = None):
         super().__init__()
         self.d_in, self.d_out, self.rank, self.num_ranks, self.scale = d_in, d_out, rank, num_ranks, scale
         # `attn_dim`: the adapter's bottleneck A (attn_dim -> r) is made here, first, so that the
@@ -110,9 +100,6 @@ class Modulation(nn.Module):
             self.register_buffer("c_a", torch.tensor(attn_dim**-0.5))
         self.register_buffer("c_m", torch.tensor(rank**-0.5))
         self.register_buffer("c_f", torch.tensor((num_ranks * rank) ** -0.5))
-        # `channel_scale`: a fixed multiplier per input channel too (c_in; None: not saved), for
-        # inputs whose channels differ by orders of magnitude in scale (see calibrate_terms_)
-        self.register_buffer("c_in", torch.ones(d_in) if channel_scale else None)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,7 +113,7 @@ class Modulation(nn.Module):
         = W is needed for it when there is a gain, `bias` = b to keep the gain off it), without
         forming the matrix, nor even the vectors v_m, v_f per token:
 
-            v_m[j] . x           = c_m (B_m[j]^T (c_in x)) . z      one GEMM over all j (c_in: 1 without)
+            v_m[j] . x           = c_m (B_m[j]^T x) . z      one GEMM over all j
             sum_j coef_j v_f[j]  = c_f B_f (coef (x) z)       one GEMM, (x) the outer product
             v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
 
@@ -136,8 +123,7 @@ class Modulation(nn.Module):
         k, r, d, f = self.num_ranks, self.rank, self.d_in, self.d_out
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
-        x = x.to(z.dtype) if self.c_in is None else x.to(z.dtype) * self.c_in.to(z.dtype)
-        xb = F.linear(x, w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T (c_in * x)
+        xb = F.linear(x.to(z.dtype), w_m.transpose(1, 2).reshape(k * r, d)).unflatten(-1, (k, r))  # B_m[j]^T x
         coef = self.c_m * (xb * z.unsqueeze(-2)).sum(-1)  # [..., k] = v_m[j] . x
         outer = (coef.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., k r]
         delta = ((self.scale * self.c_f) * F.linear(outer, w_f.transpose(0, 1).reshape(f, k * r))).to(out.dtype)
@@ -152,15 +138,8 @@ class Modulation(nn.Module):
     def terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v_m [..., k, d_in] and v_f [..., k, d_out] for the bottleneck z."""
         v_m = (self.c_m * self.B_m(z)).unflatten(-1, (self.num_ranks, self.d_in))
-        if self.c_in is not None:
-            v_m = v_m * self.c_in
         v_f = (self.c_f * self.B_f(z)).unflatten(-1, (self.num_ranks, self.d_out))
         return v_m, v_f
-
-    def _w_m(self) -> torch.Tensor:
-        """B_m as [k, d_in, r], with the per-channel multipliers in (v_m[j] = c_m (c_in * B_m[j]) z)."""
-        w_m = self.B_m.weight.view(self.num_ranks, self.d_in, self.rank)
-        return w_m if self.c_in is None else w_m * self.c_in.to(w_m.dtype).view(1, -1, 1)
 
     def gain_of(self, z: torch.Tensor) -> torch.Tensor | None:
         """gamma [...] for the bottleneck z (None without a gain)."""
@@ -180,7 +159,7 @@ class Modulation(nn.Module):
         # one [r, r] matrix per step (k r d_in d_out), then r^2 per token
         k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
         w = weight.detach().to(z.dtype)
-        w_bm = torch.einsum("fd,kdr->kfr", w, self._w_m())
+        w_bm = torch.einsum("fd,kdr->kfr", w, self.B_m.weight.view(k, d, r))
         cross = torch.einsum("kfr,kfs->rs", self.B_f.weight.view(k, f, r), w_bm)
         zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
         inner = (self.scale * self.c_f * self.c_m) * (zz @ cross.flatten())
@@ -188,7 +167,7 @@ class Modulation(nn.Module):
 
     def _low_rank_frob2(self, z: torch.Tensor) -> torch.Tensor:
         k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
-        w_m = self._w_m()
+        w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
         # dots[j, l] = dots[l, j], so only pairs j <= l enter (off-diagonal ones counted twice): a
         # [tokens, r^2] x [r^2, k(k+1)/2] GEMM instead of [r^2] x [r^2, k^2]
@@ -202,20 +181,7 @@ class Modulation(nn.Module):
     @torch.no_grad()
     def calibrate_terms_(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
         """c_m so that v_m . x has unit RMS on real tokens, c_f so that a B_f with unit entries
-        moves the projection by its own RMS (x: its input, out: its output W x + b); with c_in,
-        first every input channel louder (in RMS over the tokens) than the median channel is
-        scaled down to it. Why: a pretrained model's MLP hidden has a few channels that carry
-        the attention-sink tokens' activations, orders of magnitude above the rest; v_m . x then
-        follows those channels alone, the sink tokens' deltas grow with them, and Adam (which
-        moves every entry of B_m by about the learning rate) cannot shrink their rows of B_m as
-        fast as B_f grows. Quieter channels keep their scale: none is amplified."""
-        stats = {}
-        if self.c_in is not None:
-            channel_rms = x.float().reshape(-1, self.d_in).pow(2).mean(0).sqrt()
-            median = channel_rms.median()
-            if math.isfinite(median.item()) and median.item() > 0.0:
-                self.c_in.copy_(median / channel_rms.clamp_min(median))
-            stats = {"loud_channels": int((self.c_in < 1.0).sum()), "min_channel_scale": self.c_in.min().item()}
+        moves the projection by its own RMS (x: its input, out: its output W x + b)."""
         v_m, _ = self.terms(z)
         coef_rms = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype)).pow(2).mean().sqrt().item()
         if math.isfinite(coef_rms) and coef_rms > 0.0:
@@ -223,7 +189,7 @@ class Modulation(nn.Module):
         out_rms = out.float().pow(2).mean().sqrt().item()
         if math.isfinite(out_rms) and out_rms > 0.0:
             self.c_f.fill_(out_rms / math.sqrt(self.num_ranks * self.rank))
-        return {"coef_rms": coef_rms, "out_rms": out_rms} | stats
+        return {"coef_rms": coef_rms, "out_rms": out_rms}
 
 
 class NPTAdapter(Modulation):
@@ -258,13 +224,12 @@ class NPTAdapter(Modulation):
     """
 
     def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float, gate_gain: bool = False,
-                 modulate: tuple[str, ...] | str = ("gate",), down_channel_scale: bool = False):
+                 modulate: tuple[str, ...] | str = ("gate",)):
         super().__init__(d_model, d_ffn, rank, num_ranks, scale, gate_gain, attn_dim=d_model)
         self.d_model, self.d_ffn = d_model, d_ffn
         self.modulated = parse_modulate(modulate)
         self.up = Modulation(d_model, d_ffn, rank, num_ranks, scale, gate_gain) if "up" in self.modulated else None
-        check_down_channel_scale(self.modulated, down_channel_scale)
-        self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale, channel_scale=down_channel_scale) if "down" in self.modulated else None
+        self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale) if "down" in self.modulated else None
 
     def modulation(self, name: str) -> Modulation:
         """The modulation of projection `name` (gate: this module's own)."""

@@ -24,7 +24,7 @@ from .architecture import decoder_layers, layer_wiring, resolve_layers
 from .distributed import copy_full_into, full_tensor
 from .errors import NPTError
 from .gguf import recorded_source
-from .layer import NPTAdapter, NPTDecoderLayer, check_down_channel_scale, parse_modulate
+from .layer import NPTAdapter, NPTDecoderLayer, parse_modulate
 from .loading import dtype_name, load_model
 from .serialization import NPTConfig, load_adapter_weights, read_adapter_config, resolve_adapter_dir, save_adapters
 from .verify import prove_conversion, record_teacher
@@ -38,14 +38,13 @@ class AdapterArguments:
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
-    down_channel_scale: bool = HfArg(default=False, help="With the down modulation: a fixed multiplier per MLP hidden channel in its input, calibrated so that the channels louder than the median one are brought down to it (pretrained models' attention-sink channels; docs/loss.md).")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):
         if self.adapter_rank < 1:
             raise NPTError(f"--adapter_rank {self.adapter_rank} must be at least 1.", "Pass --adapter_rank >= 1.")
         check_num_ranks(self.num_ranks)  # here too, so that the command line refuses it before a model loads
-        check_down_channel_scale(parse_modulate(self.modulate), self.down_channel_scale)
+        parse_modulate(self.modulate)
 
 
 def check_num_ranks(num_ranks: int) -> None:
@@ -74,7 +73,6 @@ class NPTModel(nn.Module):
         base_model_name_or_path: str | None = None,
         gate_gain: bool = AdapterArguments.gate_gain,
         modulate: str | list[str] | tuple[str, ...] = AdapterArguments.modulate,
-        down_channel_scale: bool = AdapterArguments.down_channel_scale,
     ) -> "NPTModel":
         """Wrap the selected layers of `model` (in place) and freeze every base weight."""
         hf_config = model.config
@@ -94,7 +92,7 @@ class NPTModel(nn.Module):
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
         wrapped = {
-            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated, down_channel_scale).to(device=base_param.device, dtype=torch.float32),
+            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated).to(device=base_param.device, dtype=torch.float32),
                                i, wirings[i])
             for i in indices
         }
@@ -119,7 +117,6 @@ class NPTModel(nn.Module):
             modulation_scale=float(modulation_scale),
             gate_gain=bool(gate_gain),
             modulate=list(modulated),
-            down_channel_scale=bool(down_channel_scale),
             dtype=dtype_name(base_param.dtype),
             model_type=getattr(hf_config, "model_type", ""),
             hidden_size=d_model,
@@ -169,7 +166,6 @@ class NPTModel(nn.Module):
             base_model_name_or_path=config.base_model_name_or_path,
             gate_gain=config.gate_gain,
             modulate=config.modulate,
-            down_channel_scale=config.down_channel_scale,
         )
         npt.load_adapter_state_dict(load_adapter_weights(adapter_dir))
         return npt
@@ -211,7 +207,7 @@ class NPTModel(nn.Module):
             raise NPTError(
                 f"Adapter weights do not fit this NPT model (missing {missing[:4]}, unexpected {unexpected[:4]}, "
                 f"wrong shape {wrong[:4]}).",
-                "Load adapters saved for the same base model, layers, rank, number of rank-1 terms, --gate_gain, --modulate and --down_channel_scale.",
+                "Load adapters saved for the same base model, layers, rank, number of rank-1 terms, --gate_gain and --modulate.",
             )
         for i, layer in self.npt_layers.items():
             for name, param in layer.adapter.state_dict().items():

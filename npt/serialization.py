@@ -5,8 +5,7 @@
                                 `layers.<i>.gain.weight` [1, r] and `.gain.bias` [1], and the
                                 scalar multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32);
                                 with `modulate` naming up and down, the same B_m, B_f, (gain,)
-                                c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`, and
-                                with `down_channel_scale` `layers.<i>.down.c_in` [d_ffn]
+                                c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`
     adapter_config.json         `"adapter_type": "npt"`, the base model, layers, r, k, s, shapes,
                                 and the sha256 of the weights file
 
@@ -48,7 +47,6 @@ class NPTConfig:
     modulation_scale: float = 1.0
     gate_gain: bool = False  # files written before the gain existed have none
     modulate: list[str] = dataclasses.field(default_factory=lambda: ["gate"])  # files written before the variants modulated the gate only
-    down_channel_scale: bool = False  # the down modulation's per-channel input multipliers c_in
     dtype: str = "float32"
     model_type: str = ""
     hidden_size: int = 0
@@ -71,7 +69,6 @@ class NPTConfig:
             "num_ranks": self.num_ranks,
             "gate_gain": self.gate_gain,
             "modulate": list(self.modulate),
-            "down_channel_scale": self.down_channel_scale,
         }
 
 
@@ -138,8 +135,7 @@ MLP's gate weights. It is not a model (AutoModelForCausalLM cannot load it) and 
   `layers.<i>.gain.weight` [1, r] and `gain.bias` [1] (when `gate_gain` is true) and the scalar
   multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32. With `modulate` naming `up` (dual
   modulation) or `down` (triple), the same tensors of those projections' modulations under
-  `layers.<i>.up.` and `layers.<i>.down.` (down has no gain; with `down_channel_scale`, its
-  per-channel input multipliers `layers.<i>.down.c_in` [d_ffn]).
+  `layers.<i>.up.` and `layers.<i>.down.` (down has no gain).
 - the base model's tokenizer files.
 
 Use it with the `npt` package: `NPTModel.from_pretrained("<this folder>")`, `npt-eval <this folder>`,

@@ -90,7 +90,6 @@ class BenchSpec:
     modulation_scale: float = AdapterArguments.modulation_scale
     npt_layers: str = AdapterArguments.npt_layers
     modulate: str = AdapterArguments.modulate
-    down_channel_scale: bool = AdapterArguments.down_channel_scale
     device: str = "cpu"
     dtype: str = "float32"
     loss_type: str = "improved_npt"
@@ -143,7 +142,7 @@ class ProjectStep:
 
     def __init__(self, model, spec: BenchSpec):
         self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain,
-                                    modulate=spec.modulate, down_channel_scale=spec.down_channel_scale)
+                                    modulate=spec.modulate)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         mid_training(self.npt, spec.seed + 1)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
@@ -534,8 +533,7 @@ def spec_for(shape: str, args: BenchArguments, adapter: AdapterArguments) -> Ben
     small = shape == "embedded"
     return BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
                      rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain,
-                     modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, modulate=adapter.modulate,
-                     down_channel_scale=adapter.down_channel_scale, device=args.device,
+                     modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, modulate=adapter.modulate, device=args.device,
                      dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
                      gradient_checkpointing=args.gradient_checkpointing)
 
@@ -586,8 +584,7 @@ def rank_costs(spec: BenchSpec, sizes: list[AdapterSize], rounds: int = 5, steps
     model = build_model(spec)
     x = make_batch(model, spec)
     contenders = {"teacher": TeacherForward(model, spec)}
-    specs = {size.name: dataclasses.replace(spec, rank=size.rank, num_ranks=size.num_ranks, gate_gain=size.gate_gain, modulate=size.modulate,
-                                             down_channel_scale=spec.down_channel_scale and "down" in size.modulate)
+    specs = {size.name: dataclasses.replace(spec, rank=size.rank, num_ranks=size.num_ranks, gate_gain=size.gate_gain, modulate=size.modulate)
              for size in sizes}
     for name, sized in specs.items():
         contenders[name] = FreeRunningStep(copy.deepcopy(model), sized)

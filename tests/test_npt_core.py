@@ -38,24 +38,19 @@ def test_zero_adapter_output_is_attention_dropped():
     assert torch.all(frob2 == 0)
 
 
-@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down", "gate,up,down+channel"])
+@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 @pytest.mark.parametrize("mlp_bias", [False, True])
 def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
     """Every modulated matrix materialised per token, which the layer never does: the output
     h + (W_d + dW_d) act((W_g + dW_g) x + b_g) * ((W_u + dW_u) x + b_u) + b_d, with the gains
-    scaling W x and not the biases, the down modulation's per-channel multipliers (+channel)
-    scaling the columns of dW_d, and the regulariser the sum of ||dW||_F^2 over the matrices."""
+    scaling W x and not the biases, and the regulariser the sum of ||dW||_F^2 over the matrices."""
     torch.manual_seed(1)
-    modulate, channel = modulate.removesuffix("+channel"), modulate.endswith("+channel")
-    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=3, num_ranks=2, modulation_scale=0.7, modulate=modulate,
-                           down_channel_scale=channel)
+    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=3, num_ranks=2, modulation_scale=0.7, modulate=modulate)
     layer = npt.npt_layers[0]
     ad = layer.adapter
     with torch.no_grad():
         for p in ad.parameters():
             p.normal_(0, 0.3)
-        if channel:
-            ad.down.c_in.uniform_(0.01, 1.0)
     h, attn = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     out, frob2 = layer.npt_output(h, attn)
     x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
@@ -64,7 +59,7 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
         z = ad.c_a * ad.A.weight @ attn[0, t]
 
         def delta(mod, weight, d_in, d_out):  # gamma W + s sum_j v_f[j] v_m[j]^T
-            v_m = (mod.c_m * mod.B_m.weight @ z).view(2, d_in) * (1.0 if mod.c_in is None else mod.c_in)
+            v_m = (mod.c_m * mod.B_m.weight @ z).view(2, d_in)
             v_f = (mod.c_f * mod.B_f.weight @ z).view(2, d_out)
             gamma = mod.gain.bias + mod.gain.weight[0] @ z / 3**0.5 if mod.gain is not None else 0.0  # r = 3
             return gamma * weight + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))
@@ -118,27 +113,6 @@ def test_calibration_gives_unit_rms_and_keeps_attention_dropped_start():
     for k, v in ad.named_parameters():
         assert torch.equal(v, weights[k]), k
     assert ad.A.weight.std().item() == pytest.approx(1.0, abs=0.2) and ad.B_m.weight.std().item() == pytest.approx(1.0, abs=0.2)
-
-
-def test_down_channel_scale_brings_the_loud_hidden_channels_down_to_the_median_one():
-    """Hidden channels of RMS 1..7 and 1000 (an attention-sink channel): the lower median is 4, so
-    c_in = 4 / max(RMS, 4), the quiet channels untouched; the coefficients' RMS is then 1 as
-    without, and the loud channel no longer sets them."""
-    ad = NPTAdapter(8, 8, rank=2, num_ranks=1, scale=1.0, modulate="gate,up,down", down_channel_scale=True)
-    rms = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 1000])
-    signs = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]) * torch.tensor([1.0, 1, -1, 1, -1, -1, 1, 1])
-    hidden = signs * rms  # [4 tokens, 8 channels], each channel's RMS over the tokens as above
-    x, attn = torch.randn(4, 8), torch.randn(4, 8)
-    stats = ad.calibrate_(x, attn, torch.randn(4, 8), torch.randn(4, 8), hidden, torch.randn(4, 8))
-    torch.testing.assert_close(ad.down.c_in, torch.tensor([1.0, 1, 1, 1, 4 / 5, 4 / 6, 4 / 7, 4 / 1000]))
-    assert stats["down"]["loud_channels"] == 4 and stats["down"]["min_channel_scale"] == pytest.approx(0.004)
-    v_m, _ = ad.down.terms(ad.bottleneck(attn))
-    coef = torch.einsum("nkd,nd->nk", v_m, hidden)
-    assert coef.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
-    # what v_m reads: every channel at most as loud as the median one
-    torch.testing.assert_close((ad.down.c_in * hidden).pow(2).mean(0).sqrt(), torch.tensor([1.0, 2, 3, 4, 4, 4, 4, 4]))
-    with pytest.raises(NPTError, match="--down_channel_scale without the down modulation"):
-        NPTAdapter(8, 8, rank=2, num_ranks=1, scale=1.0, modulate="gate,up", down_channel_scale=True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
@@ -321,7 +295,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(free_running):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down", "gate,up,down+channel"])
+@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
     """npt-inject's delta at one position is that token's dW of each modulated matrix (its squared
     norms add up to the regulariser the layer computes there, by another route), and it is added
@@ -330,12 +304,8 @@ def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
     from npt.inject import add_to_weights, context_deltas
 
     torch.manual_seed(0)
-    modulate, channel = modulate.removesuffix("+channel"), modulate.endswith("+channel")
-    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate, down_channel_scale=channel)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate)
     randomize_adapters(npt, seed=6, scale=0.3)
-    if channel:
-        with torch.no_grad():
-            npt.npt_layers[1].adapter.down.c_in.uniform_(0.01, 1.0, generator=torch.Generator().manual_seed(5))
     x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     deltas = context_deltas(npt, x, [1], [6])
     assert list(deltas[1]) == modulate.split(",")

@@ -85,7 +85,6 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "stages without free-running": (["--progressive_stages", "2", "--free_running_steps", "0", "--logit_kl_weight", "0"],
                                         "the stages split the free-running phase, which has 0 steps"),
         "empty data file": (["--data_files", str(empty)], "are empty (0 bytes)"),
-        "channel scale without down": (["--modulate", "gate,up", "--down_channel_scale"], "--down_channel_scale without the down modulation"),
         "data file without rows": (["--data_files", str(blank)], "Check that the files hold rows of text"),
         "layers wired differently (bitnet)": (["--model_name", str(_bitnet(tmp, teacher))], "decoder layer 0: a fresh NPT layer on input h + a differs"),
     }
@@ -111,7 +110,7 @@ CASES = ["unknown loss type", "negative loss weight", "all-zero loss weights", "
          "unsupported architecture", "adapter rank 0", "adapter rank > hidden", "missing layer", "dataset path missing",
          "no text column", "corpus below one block", "max_length beyond positions", "batch size 0", "bad warmup",
          "cuda without a gpu", "missing config file", "logit KL without free-running", "reverse KL share above 1", "progressive stages 0",
-         "stages without free-running", "empty data file", "data file without rows", "channel scale without down",
+         "stages without free-running", "empty data file", "data file without rows",
          "layers wired differently (bitnet)"]
 
 
@@ -149,9 +148,6 @@ def test_resume_with_another_adapter_shape_or_model_is_refused(tmp_path, trained
     assert code == 2 and "another model or adapter shape" in err and "rank: checkpoint 4 vs now 8" in err
     code, err = run_cli(tiny_args(trained_teacher_dir, finished_run, "--modulate", "gate,up", "--resume_from_checkpoint", "latest"), capsys)
     assert code == 2 and "modulate: checkpoint ['gate'] vs now ['gate', 'up']" in err
-    code, err = run_cli(tiny_args(trained_teacher_dir, finished_run, "--modulate", "gate,up,down", "--down_channel_scale",
-                                  "--resume_from_checkpoint", "latest"), capsys)
-    assert code == 2 and "down_channel_scale: checkpoint False vs now True" in err
     other = tmp_path / "other-teacher"
     build_teacher(other, load_corpus()[:400], TeacherRecipe(vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
                                                                  max_position_embeddings=256, seq_len=32, batch_size=4, steps=2, warmup_steps=1), progress=False)
