@@ -424,6 +424,12 @@ def matmul_rate(spec: BenchSpec, dtype_name: str, repeats: int = 20) -> float:
     return 2 * n * d * f / best
 
 
+def gflops(flops_per_s: float) -> str:
+    """GFLOP/s to one decimal, or two significant digits below 1 (tiny shapes on a busy CPU)."""
+    g = flops_per_s / 1e9
+    return f"{g:.1f}" if g >= 1 else f"{g:.2g}"
+
+
 def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | None, rates: dict[str, float] | None = None) -> str:
     tokens = spec.batch_size * spec.seq_len
     lines = [
@@ -443,11 +449,11 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
         rate = rates.get(getattr(step_cls, "compute_dtype", spec.compute_dtype)) if rates else None
         share = f"{achieved / rate:.0%}" if rate else "-"
         lines.append(f"| {step_cls.name} | {times[key] * 1e3:.1f} | {tokens / times[key]:.0f} | {times[key] / times['teacher']:.2f} | "
-                     f"{achieved / 1e9:.1f} | {share} | {mem} |")
+                     f"{gflops(achieved)} | {share} | {mem} |")
     lines.append("")
     for dtype, rate in (rates or {}).items():
         lines.append(f"Dense matmul rate measured here ({dtype}, [{tokens} x {model_config(spec).hidden_size}] @ "
-                     f"[{model_config(spec).hidden_size} x {model_config(spec).intermediate_size}]): {rate / 1e9:.1f} GFLOP/s.")
+                     f"[{model_config(spec).hidden_size} x {model_config(spec).intermediate_size}]): {gflops(rate)} GFLOP/s.")
     if "free_full" in times and "free" in times:
         lines.append(f"Free-running step started at the lowest converted layer vs from the embeddings: {times['free_full'] / times['free']:.2f}x the tokens/s.")
     if "original" in times:

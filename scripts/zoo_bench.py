@@ -57,9 +57,11 @@ def run_zoo(models: list[str], flags: list[str], output_dir: Path, jobs: int = 1
     output_dir.mkdir(parents=True, exist_ok=True)
     configs = {m: parse_args(["--model_name", m, "--output_dir", str(output_dir / m.replace(":", "-")), "--no-progress", "--num_samples", "0", *flags])
                for m in models}  # every config is validated before the first run
-    teachers = {}
-    for name in models:  # built one at a time, here, so that parallel runs never build the same cache
-        teachers[name] = describe(name)
+    # each teacher is built once, `jobs` at a time (distinct names never share a cache folder),
+    # before any training run starts
+    unique = list(dict.fromkeys(models))
+    teachers = dict(zip(unique, run_all(describe, [(name,) for name in unique], jobs)))
+    for name in models:
         print(f"[zoo] {name}: {teachers[name]}", flush=True)
     rows = []
     for row in run_all(_train_one, [(name, configs[name], teachers[name]) for name in models], jobs):

@@ -84,10 +84,32 @@ def _compare(run: Path, reference: Path, atol: float) -> None:
     assert summary["eval"]["kl"] == pytest.approx(ref_eval["kl"], rel=1e-3)
 
 
+# The two-process runs under torchrun, each launched once per module: compared with one process
+# below, and the full runs the resume test continues from a copy of their step-4 checkpoint.
+TWO_PROCESS_ARGS = {"ddp": ["--use_gradient_penalty", "--batch_size", "2"], "fsdp": ["--batch_size", "2", "--fsdp"]}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(trained_teacher_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    launch("torchrun", ["--model_name", str(trained_teacher_dir), *COMMON, *TWO_PROCESS_ARGS["ddp"], "--output_dir", str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(trained_teacher_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    launch("torchrun", ["--model_name", str(trained_teacher_dir), *COMMON, *TWO_PROCESS_ARGS["fsdp"], "--output_dir", str(run)])
+    return run
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_ddp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir, single_runs, launcher):
-    run = tmp_path / "ddp"
-    launch(launcher, ["--model_name", str(trained_teacher_dir), *COMMON, "--use_gradient_penalty", "--batch_size", "2", "--output_dir", str(run)])
+def test_ddp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir, single_runs, launcher, request):
+    if launcher == "torchrun":
+        run = request.getfixturevalue("ddp_run")
+    else:
+        run = tmp_path / "ddp"
+        launch(launcher, ["--model_name", str(trained_teacher_dir), *COMMON, *TWO_PROCESS_ARGS["ddp"], "--output_dir", str(run)])
     _compare(run, single_runs["penalty"], atol=1e-4)
 
 
@@ -99,9 +121,8 @@ def test_ddp_accumulation_syncs_once_per_window_and_matches_one_process(tmp_path
     _compare(run, single_runs["accumulated"], atol=1e-4)
 
 
-def test_fsdp_on_two_processes_matches_one_process(tmp_path, trained_teacher_dir, single_runs):
-    run = tmp_path / "fsdp"
-    launch("torchrun", ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "2", "--output_dir", str(run), "--fsdp"])
+def test_fsdp_on_two_processes_matches_one_process(fsdp_run, single_runs):
+    run = fsdp_run
     # FSDP reduce-scatters gradients in another order than one process sums them; Adam turns the
     # last-bit differences on near-zero gradients into ~1e-3 on the weights after 8 steps.
     _compare(run, single_runs["plain"], atol=2e-3)
@@ -138,11 +159,9 @@ def test_fsdp_evaluates_held_out_blocks_that_do_not_split_evenly(tmp_path, train
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_resume_on_two_processes_continues_exactly(tmp_path, trained_teacher_dir, mode):
-    extra = ["--fsdp"] if mode == "fsdp" else []
-    args = ["--model_name", str(trained_teacher_dir), *COMMON, "--batch_size", "2", *extra]
-    full = tmp_path / "full"
-    launch("torchrun", [*args, "--output_dir", str(full)])
+def test_resume_on_two_processes_continues_exactly(tmp_path, trained_teacher_dir, mode, request):
+    args = ["--model_name", str(trained_teacher_dir), *COMMON, *TWO_PROCESS_ARGS[mode]]
+    full = request.getfixturevalue(f"{mode}_run")
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000004", part / "checkpoints" / "step-00000004")

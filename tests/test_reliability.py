@@ -285,18 +285,18 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_conventionally(tmp_path,
 
 
 def test_kill_9_then_resume_gives_bit_identical_adapters(tmp_path, trained_teacher_dir):
-    args = ("--max_steps", "150", "--save_steps", "20", "--use_adaptive_weights", "--use_gradient_penalty", "--batch_size", "8")
+    args = ("--max_steps", "60", "--save_steps", "10", "--use_adaptive_weights", "--use_gradient_penalty", "--batch_size", "8")
     full = tmp_path / "full"
     assert main(tiny_args(trained_teacher_dir, full, *args)) == 0
     killed = tmp_path / "killed"
     proc = _launch(tiny_args(trained_teacher_dir, killed, *args))
-    _wait_for(lambda: (killed / "checkpoints" / "step-00000040").is_dir(), proc)
+    _wait_for(lambda: (killed / "checkpoints" / "step-00000020").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "adapter").exists()  # it really died mid-run
     last = list_checkpoints(killed)[-1][0]
-    assert 40 <= last < 150
+    assert 20 <= last < 60
     assert main(tiny_args(trained_teacher_dir, killed, *args, "--resume_from_checkpoint", "latest")) == 0
     a, b = load_adapter_weights(full / "adapter"), load_adapter_weights(killed / "adapter")
     assert a.keys() == b.keys()
