@@ -237,7 +237,7 @@ def test_what_fits_no_placement_is_refused_in_one_line_and_left_whole(name):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_a_model_without_sdpa_loads_with_eager_attention_by_default_and_refuses_sdpa(tmp_path, trained_teacher_dir):
+def test_a_model_without_sdpa_loads_with_eager_attention_by_default_and_refuses_sdpa(tmp_path, micro_teacher):
     """Gemma 2 has no SDPA attention in transformers: `auto` (the default) loads it with eager
     attention through the same from_pretrained path as a hub id; asking for sdpa names the fix."""
     import shutil
@@ -245,14 +245,15 @@ def test_a_model_without_sdpa_loads_with_eager_attention_by_default_and_refuses_
     from npt.errors import NPTError
     from npt.loading import load_model
 
+    llama_folder = micro_teacher[0]
     folder = tmp_path / "gemma2"
     _model("gemma2").save_pretrained(folder)
-    for f in trained_teacher_dir.glob("*token*"):
+    for f in llama_folder.glob("*token*"):
         shutil.copy(f, folder)
     model, _ = load_model(str(folder), "float32", "cpu")
     assert model.config._attn_implementation == "eager"
     NPTModel.convert(model, "all", rank=4)  # and it converts, the proof included
     with pytest.raises(NPTError, match=r"has no SDPA attention.*Pass --attn_implementation eager"):
         load_model(str(folder), "float32", "cpu", attn_implementation="sdpa")
-    llama, _ = load_model(str(trained_teacher_dir), "float32", "cpu")
+    llama, _ = load_model(str(llama_folder), "float32", "cpu")
     assert llama.config._attn_implementation == "sdpa"
