@@ -194,6 +194,24 @@ class ArgumentParser(Parser):
         self.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16", help="Same as --mixed_precision fp16.")
 
 
+# Flags a resumed run may change without changing what it trains: where and how often it logs,
+# saves and evaluates, how long it runs, how the work is laid out on the device(s).
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "progress", "report_to", "log_level", "logging_steps",
+    "save_steps", "save_total_limit", "eval_steps", "eval_blocks", "eval_batch_size", "num_samples", "greedy_prompts",
+    "greedy_tokens", "max_steps", "device", "compile", "gradient_checkpointing", "attn_implementation", "fsdp",
+    "divergence_patience", "max_rollbacks", "max_bad_steps",
+})
+
+
+def changed_recipe(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{flag: (checkpoint's value, this run's value)} for every flag of the training recipe that a
+    resumed run changes (a flag the checkpoint did not record counts as changed: its run trained
+    with an older default)."""
+    return {k: (saved.get(k, "(not recorded)"), v) for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and (k not in saved or saved[k] != v)}
+
+
 def bundled_config(name: str) -> Path | None:
     """A recipe shipped with the package (`standard`, `difficult`, `fast`): installed as package
     data `npt.configs`, or the configs/ folder next to the package in a checkout."""

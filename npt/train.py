@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import logs
 from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
-from .config import Config
+from .config import Config, changed_recipe
 from .corpus import PREFIX as CORPUS_PREFIX
 from .data import TrainStream, block_convention, heldout_blocks, open_source
 from .divergence import DivergencePolicy, Verdict
@@ -100,6 +100,7 @@ class Run:
     greedy_samples: list = dataclasses.field(default_factory=list)  # the last evaluation's greedy continuations
     provenance: dict = dataclasses.field(default_factory=dict)  # the command, commit, date and machine, taken when the run starts
     last_good: dict | None = None  # in memory: the state of the last good evaluation (rollback target)
+    recipe_changes: dict = dataclasses.field(default_factory=dict)  # resumed: {flag: (the checkpoint's value, this run's)}
 
     @property
     def layers(self) -> list[int]:
@@ -233,6 +234,7 @@ def setup(cfg: Config) -> Run:
               provenance=provenance(str(accelerator.device), f"{dtype_name(next(model.parameters()).dtype)} weights, {accelerator.mixed_precision} autocast"))
     if saved is not None:
         apply_state(run, saved)
+        run.recipe_changes = changed_recipe(saved.get("config", {}), cfg.to_flat())
         run.last_good = collect_state(run, with_data=False)
     return run
 
@@ -296,6 +298,10 @@ def banner(run: Run) -> None:
     if run.resume is not None:
         lines.append(f"resume      resumed from {run.resume} at step {run.progress.step}")
     run.log("\n".join(lines))
+    if run.recipe_changes:  # the flags of this command win; the checkpoint's recipe is not restored
+        detail = ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in sorted(run.recipe_changes.items()))
+        run.log(f"resumed with another training recipe than the checkpoint's: {detail}. The run continues with the new values; "
+                "to continue the original recipe exactly, pass the checkpoint's values.", logging.WARNING)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------

@@ -153,3 +153,13 @@ def test_auto_mixed_precision_is_bf16_where_the_device_multiplies_it_natively(mo
         assert npt.train.mixed_precision(parse_args(["--mixed_precision", "no"]), use_cpu=True) == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's own setting wins
     assert npt.train.mixed_precision(cfg, use_cpu=True) == "fp16"
+
+
+def test_a_resumed_run_names_each_flag_of_the_recipe_it_changes():
+    from npt.config import changed_recipe
+
+    saved = {"learning_rate": 0.02, "max_steps": 4, "seed": 1, "output_dir": "a"}
+    now = {"learning_rate": 0.001, "max_steps": 6, "seed": 1, "output_dir": "b", "modulate": "gate"}
+    # max_steps and output_dir may change; a flag the checkpoint never recorded had an older default
+    assert changed_recipe(saved, now) == {"learning_rate": (0.02, 0.001), "modulate": ("(not recorded)", "gate")}
+    assert changed_recipe(now, now) == {}

@@ -21,6 +21,12 @@ def test_train_resume_evaluate_generate_inject_in_seconds(micro_teacher, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and [h["step"] for h in summary["eval_history"]] == [0, 2, 4, 6]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoints" / "step-00000006").is_dir()
+    assert "another training recipe" not in (out / "train.log").read_text()  # a longer run is the same recipe
+    # resumed with another learning rate: it continues with it, and says so before any step
+    lr = json.loads((out / "config.json").read_text())["learning_rate"]
+    assert main([*flags, "--max_steps", "7", "--resume_from_checkpoint", "latest", "--learning_rate", "0.00123"]) == 0
+    assert f"another training recipe than the checkpoint's: --learning_rate {lr} -> 0.00123." in (out / "train.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
 
     assert eval_main([str(out / "adapter")]) == 0
