@@ -234,7 +234,8 @@ def setup(cfg: Config) -> Run:
               provenance=provenance(str(accelerator.device), f"{dtype_name(next(model.parameters()).dtype)} weights, {accelerator.mixed_precision} autocast"))
     if saved is not None:
         apply_state(run, saved)
-        run.recipe_changes = changed_recipe(saved.get("config", {}), cfg.to_flat())
+        if "config" in saved:  # (every checkpoint this code writes)
+            run.recipe_changes = changed_recipe(saved["config"], cfg.to_flat())
         run.last_good = collect_state(run, with_data=False)
     return run
 
