@@ -61,6 +61,7 @@ class LossConfig:
     reverse_kl_share: float = HfArg(default=0.0, help="Share b of the reverse KL(student || teacher) in the logit KL: (1 - b) forward + b reverse, in [0, 1]. The reverse KL is mode-seeking.")
     progressive_stages: int = HfArg(default=1, help="Convert the layers progressively, bottom-up: the free-running phase is split into N stages, and in stage s the lowest ceil(s n / N) of the n converted layers run as NPT layers, the rest as teacher layers (attention kept). 1: all at once. Evaluations always measure the whole student.")
     free_running_layer_weight: float = HfArg(default=0.0, help="Weight of the per-layer alignment terms in free-running steps (teacher-forced steps: 1); 0: the free-running phase trains on the logit KL alone. Running freely, layer i's error adds up those of every layer below.")
+    free_running_layer_target: Literal["trajectory", "local"] = HfArg(default="trajectory", help="What a free-running step's per-layer term compares (with --free_running_layer_weight > 0). trajectory: layer i's output against the teacher's hidden state t_i, so layer i answers for the error of every layer below too. local: the NPT layer against its teacher layer on the same input, the student's own h_i (its attention output a_i detached), that layer's error alone and no gradient to the layers below; costs one more MLP forward and backward per layer.")
 
     def __post_init__(self):
         def need(ok: bool, cause: str, fix: str) -> None:

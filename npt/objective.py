@@ -9,7 +9,9 @@ Free-running steps: the student runs as deployed, each NPT layer fed by the one 
 attention on its own hidden states), layer i's output is compared with t_i, and the logit KL of
 the next-token distributions is added; the backward runs through every layer. Running freely,
 layer i's error adds up those of every layer below, so its per-layer terms weigh
-`free_running_layer_weight`.
+`free_running_layer_weight`. With `free_running_layer_target="local"` layer i is compared instead
+with its teacher layer on the student's own input (h_i and a_i of the free-running pass, detached):
+its own error, in units of the teacher's update of that input.
 """
 
 from __future__ import annotations
@@ -92,9 +94,12 @@ class EquivalenceObjective(nn.Module):
         if free_running:
             runs, s_final = run_student(self.npt, input_ids, attention_mask, with_logits=full, with_final_hidden=fused, stop_early=stop_early,
                                         prefix=Prefix.of(self.npt, records) if self.reuse_prefix else None)
-            students = {idx: rec.outputs for idx, rec in runs.items()}
             layers = self.npt.npt_layers
-            frob2s = {idx: layers[idx].call("regularizer", rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
+            if self.loss.cfg.free_running_layer_target == "local" and self.loss.cfg.free_running_layer_weight > 0:
+                records, students, frob2s = self.local_terms(runs)
+            else:
+                students = {idx: rec.outputs for idx, rec in runs.items()}
+                frob2s = {idx: layers[idx].call("regularizer", rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():
@@ -116,6 +121,24 @@ class EquivalenceObjective(nn.Module):
             head = LogitHead.of(self.npt.model) if fused else None
             kl = softened_kl(t_final, s_final, mask, temperature, head=head, reverse_share=self.loss.cfg.reverse_kl_share)
         return self.loss(list(tensors.values()), torch.stack(regs), gp, step, logit_kl=kl, free_running=free_running)
+
+    def local_terms(self, runs: dict[int, LayerRecord]) -> tuple[dict[int, LayerRecord], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Per converted layer of a free-running pass: the record of its teacher layer on the
+        student's own input (h_i, a_i detached; target: the teacher layer's output on them), the
+        NPT layer's output on the same (h_i, a_i), and its regulariser. A layer running as the
+        teacher's (progressive stages) is its own target and has no regulariser."""
+        records, students, frob2s = {}, {}, {}
+        for idx, rec in runs.items():
+            layer = self.npt.npt_layers[idx]
+            h, a = rec.inputs.detach(), rec.attn.detach()
+            with torch.no_grad():
+                target = layer.teacher_output(h, a)
+            records[idx] = LayerRecord(inputs=h, outputs=target, attn_kwargs=rec.attn_kwargs, attn=a)
+            if layer.npt_enabled:
+                students[idx], frob2s[idx] = layer.call("student_output", h, a)
+            else:
+                students[idx] = target
+        return records, students, frob2s
 
     def gradient_penalty(
         self,

@@ -279,6 +279,9 @@ def banner(run: Run) -> None:
     if cfg.free_running and cfg.loss.logit_kl_weight:
         phases += f" with the logit KL (weight {cfg.loss.logit_kl_weight:g}"
         phases += f", {cfg.loss.reverse_kl_share:.0%} of it reverse)" if cfg.loss.reverse_kl_share else ")"
+    if cfg.free_running and cfg.loss.free_running_layer_weight:
+        phases += (f"{' and' if cfg.loss.logit_kl_weight else ' with'} the per-layer terms (weight {cfg.loss.free_running_layer_weight:g}, "
+                   f"{'each layer against its teacher layer on the same input' if cfg.loss.free_running_layer_target == 'local' else 'against the teacher hidden states'})")
     if cfg.free_running and cfg.loss.progressive_stages > 1:
         phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
                    f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")

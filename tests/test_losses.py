@@ -407,6 +407,47 @@ def test_free_running_objective_adds_the_logit_kl_term():
         0.01 * free.metrics["regularization"].item() + 0.5 * free.metrics["logit_kl"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("modulate", ["gate", "gate,up,down"])
+def test_free_running_local_layer_terms_compare_each_layer_with_its_teacher_layer_on_the_same_input(modulate):
+    """--free_running_layer_target local: layer i's term is ||S_i - T_i||^2 / ||T_i - h_i||^2 with
+    S_i the NPT layer and T_i its teacher layer, both on the free-running pass's own h_i and a_i;
+    the per-layer terms send no gradient to the layers below."""
+    from npt.capture import run_student
+
+    torch.manual_seed(0)
+    npt = NPTModel.convert(tiny_model(), "all", rank=4, num_ranks=2, modulate=modulate)
+    randomize_adapters(npt, seed=1, scale=1.0)
+    cfg = LossConfig(loss_type="mse", logit_kl_weight=0.0, free_running_layer_weight=1.0, regularization_lambda=0.0,
+                     free_running_layer_target="local")
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    out = EquivalenceObjective(npt, NPTLoss(cfg, 3))(x, None, step=5, free_running=True)
+    with torch.no_grad():
+        runs, _ = run_student(npt, x)
+        hand = []
+        for idx, rec in runs.items():
+            layer = npt.npt_layers[idx]
+            s, t = layer.npt_output(rec.inputs, rec.attn)[0], layer.teacher_output(rec.inputs, rec.attn)
+            hand.append(((s - t) ** 2).mean() / ((t - rec.inputs) ** 2).mean())
+    assert out.metrics["layer_mse"].tolist() == pytest.approx([v.item() for v in hand], rel=1e-5)
+    assert out.metrics["alignment"].item() == pytest.approx(torch.stack(hand).mean().item(), rel=1e-5)
+    # the trajectory target differs (layer i answers for the layers below too) ...
+    trajectory = EquivalenceObjective(npt, NPTLoss(dataclasses.replace(cfg, free_running_layer_target="trajectory"), 3))(
+        x, None, step=5, free_running=True)
+    assert all(a > 1.01 * b for a, b in zip(trajectory.metrics["layer_mse"][1:].tolist(), out.metrics["layer_mse"][1:].tolist()))
+    # ... and the local terms train each layer for its own error only: the lowest layer's term is
+    # the only one that reaches its adapter
+    out.objective.backward()
+    first = [p.grad.clone() for p in npt.npt_layers[0].adapter.parameters()]
+    npt.zero_grad()
+    rec, lowest = runs[0], npt.npt_layers[0]
+    with torch.no_grad():
+        t = lowest.teacher_output(rec.inputs, rec.attn)
+    s = lowest.npt_output(rec.inputs, rec.attn)[0]
+    (((s - t) ** 2).mean() / ((t - rec.inputs) ** 2).mean() / 3).backward()  # its term, in the mean over the 3 layers
+    for a, b in zip(first, [p.grad for p in npt.npt_layers[0].adapter.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
 @pytest.mark.parametrize("on", ["update", "hidden"])
 def test_cosine_distance_value_and_gradient_match_autograd(on):
     from npt.losses import cosine_distance
