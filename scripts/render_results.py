@@ -65,11 +65,16 @@ def _flags(command: str) -> list[str]:
     return out
 
 
-def _labels(commands: list[str]) -> list[str]:
-    """Each command's own flags: the tokens that not every command shares ("defaults" when none)."""
-    tokens = [_flags(c) for c in commands]
+def _defaults(prov: dict) -> str:
+    """A run without flags of its own: the defaults of its commit (they change with the code)."""
+    return f"defaults of {(prov.get('commit') or 'unknown')[:7]}"
+
+
+def _labels(provenances: list[dict]) -> list[str]:
+    """Each command's own flags: the tokens that not every command shares (the defaults when none)."""
+    tokens = [_flags(p["command"]) for p in provenances]
     common = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
-    return [" ".join(t for t in toks if t not in common) or "defaults" for toks in tokens]
+    return [" ".join(t for t in toks if t not in common) or _defaults(p) for toks, p in zip(tokens, provenances)]
 
 
 def _sources(results: list[dict]) -> list[str]:
@@ -92,7 +97,7 @@ def runs(paths: list[str]) -> str:
     results = [load(p) for p in paths]
     lines = ["| run | steps | tokens | KL before -> kept (nats/token, 95%) | top-1 agreement | greedy match | perplexity ratio | training (s) | rollbacks |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label, s in zip(_labels([r["provenance"]["command"] for r in results]), results):
+    for label, s in zip(_labels([r["provenance"] for r in results]), results):
         b, e = s["eval_before"], s["eval"]
         lines.append(f"| `{label}` | {s['steps']} | {s['tokens_seen']:,} | {b['kl']:.3f} -> {_kept(s)} | {e['top1_agreement']:.1%} | {_greedy(e)} "
                      f"| {e['ppl_ratio']:.3f} | {s['train_seconds']:.0f} | {len(s['rollbacks'])} |")
@@ -115,7 +120,7 @@ def zoo(paths: list[str]) -> str:
              "| training (s) | rollbacks |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = [load(p) for p in paths]
     for res in results:
-        flags = " ".join(res["flags"]) or "defaults"
+        flags = " ".join(res["flags"]) or _defaults(res["provenance"])
         for row in res["rows"]:
             t, s = row["teacher"], row["summary"]
             b, e = s["eval_before"], s["eval"]

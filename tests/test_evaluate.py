@@ -70,14 +70,18 @@ def test_evaluation_matches_a_hand_computation_with_padding(chunk_tokens, monkey
     assert res.student_ppl == pytest.approx(math.exp(s_nll / n), rel=1e-5)
 
 
-def test_zeroed_adapters_give_the_attention_dropped_models_perplexity():
-    npt = NPTModel.convert(tiny_model(seed=2), "all", rank=4)
+@pytest.mark.parametrize("modulate", ["gate", "gate,up,down"])
+def test_zeroed_adapters_give_the_attention_dropped_models_perplexity(modulate):
+    npt = NPTModel.convert(tiny_model(seed=2), "all", rank=4, modulate=modulate)
     randomize_adapters(npt, seed=3)
+    zeroed = 0
     with torch.no_grad():
         for layer in npt.npt_layers.values():
-            layer.adapter.B_f.weight.zero_()  # no modulation: the NPT layer is h + MLP(Norm2(h))
-            layer.adapter.gain.weight.zero_()
-            layer.adapter.gain.bias.zero_()
+            for name, p in layer.adapter.named_parameters():  # no modulation: the NPT layer is h + MLP(Norm2(h))
+                if "B_f" in name or "gain" in name:
+                    p.zero_()
+                    zeroed += 1
+    assert zeroed == 3 * {"gate": 3, "gate,up,down": 7}[modulate]  # B_f and the gain's two tensors of gate (and up), down's B_f
     x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     res = evaluate(npt, x)
     dropped = tiny_model(seed=2)  # the same teacher with every attention output forced to zero
