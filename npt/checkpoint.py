@@ -100,7 +100,13 @@ def restore_training(run: Trainee, state: dict) -> None:
     loss's own weights, the random streams) back to `state`. The step count, the records and the
     data position go on. Collective under FSDP."""
     run.npt.load_adapter_state_dict(state["adapters"])
+    # the moments come back, the hyperparameters stay this run's: loading an optimizer state also
+    # loads its groups' peak rate, weight decay, betas and eps, which would silently override the
+    # flags a resumed run was given
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.optimizer.param_groups]
     load_optimizer_state(run.optimizer.optimizer, run.objective, state["optimizer"], run.sharded)
+    for group, kept in zip(run.optimizer.optimizer.param_groups, hyper):
+        group.update(kept)
     load_full_state_dict(run.loss, state["loss"])
     run.objective_module.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])

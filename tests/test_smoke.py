@@ -25,7 +25,12 @@ def test_train_resume_evaluate_generate_inject_in_seconds(micro_teacher, tmp_pat
     # resumed with another learning rate: it continues with it, and says so before any step
     lr = json.loads((out / "config.json").read_text())["learning_rate"]
     assert main([*flags, "--max_steps", "7", "--resume_from_checkpoint", "latest", "--learning_rate", "0.00123"]) == 0
-    assert f"another training recipe than the checkpoint's: --learning_rate {lr} -> 0.00123." in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert f"another training recipe than the checkpoint's: --learning_rate {lr} -> 0.00123." in log
+    # and it trains with it: step 7 of 7 is in the decay, between a tenth of the new peak and the peak
+    # (the checkpoint's peak, 0.02, would give at least 0.002)
+    step7 = [line for line in log.splitlines() if "step 7/7 |" in line][-1]
+    assert 0.000123 <= float(step7.split("| lr ")[1].split()[0]) <= 0.00123, step7
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
 
