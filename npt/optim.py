@@ -38,6 +38,7 @@ def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int
 @dataclasses.dataclass
 class OptimArguments:
     learning_rate: float = HfArg(default=2e-2, help="Peak learning rate of the adapters (AdamW).")
+    free_running_lr_scale: float = HfArg(default=1.0, help="Multiplies the learning rate in free-running steps (the schedule and rollbacks apply as before). Triple modulation on a deep model trains freely only at a lower rate than it is teacher-forced at (docs/zoo.md).")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
     adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")
@@ -59,6 +60,8 @@ class OptimArguments:
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise NPTError(f"--{name} {getattr(self, name)} must be at least 1.", f"Pass --{name} >= 1.")
+        if not (self.free_running_lr_scale > 0 and math.isfinite(self.free_running_lr_scale)):
+            raise NPTError(f"--free_running_lr_scale {self.free_running_lr_scale} is not a positive number.", "Pass e.g. 0.1, or 1 for the same rate in both phases.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise NPTError(f"--learning_rate {self.learning_rate} must be a positive number.", "Pass e.g. --learning_rate 1e-3.")
         if not self.adaptive_weights_lr > 0:

@@ -282,6 +282,8 @@ def banner(run: Run) -> None:
     if cfg.free_running and cfg.loss.free_running_layer_weight:
         phases += (f"{' and' if cfg.loss.logit_kl_weight else ' with'} the per-layer terms (weight {cfg.loss.free_running_layer_weight:g}, "
                    f"{'each layer against its teacher layer on the same input' if cfg.loss.free_running_layer_target == 'local' else 'against the teacher hidden states'})")
+    if cfg.free_running and cfg.optim.free_running_lr_scale != 1:
+        phases += f", at {cfg.optim.free_running_lr_scale:g} x the learning rate"
     if cfg.free_running and cfg.loss.progressive_stages > 1:
         phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
                    f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")
@@ -333,8 +335,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
     while run.progress.step < cfg.optim.max_steps:
         p = run.progress
         # this step's learning rate and phase
-        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale)
         free_running = p.step >= cfg.free_running_from
+        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_lr_scale if free_running else 1.0))
         npt_count = cfg.npt_count(p.step, len(run.layers))
         started = time.perf_counter()
         # forward and backward over the accumulation window (gradients synchronised on its last

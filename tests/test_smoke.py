@@ -57,3 +57,20 @@ def test_a_built_in_corpus_is_built_once_and_read_from_its_cache(tmp_path):
     docs = load_corpus("prose", tmp_path)  # the smallest (the language reference's paragraphs)
     assert len(docs) > 1000 and sum(" the " in d for d in docs) > len(docs) / 2
     assert len(list(tmp_path.glob("corpus-prose-*.jsonl"))) == 1 and load_corpus("prose", tmp_path) == docs
+
+
+def test_free_running_steps_train_at_their_own_learning_rate(micro_teacher, tmp_path):
+    """--free_running_lr_scale 0.25: the teacher-forced steps' rates are unchanged, each free-running
+    step's is a quarter of what it would have been."""
+    teacher, text = micro_teacher
+    rates = {}
+    for scale in ("1", "0.25"):
+        out = tmp_path / scale
+        assert main(["--model_name", str(teacher), "--data_files", str(text), "--max_length", "16", "--batch_size", "2", "--eval_blocks", "2",
+                     "--eval_steps", "0", "--logging_steps", "1", "--num_samples", "0", "--no-progress", "--max_steps", "10",
+                     "--free_running_lr_scale", scale, "--output_dir", str(out)]) == 0
+        lines = [line for line in (out / "train.log").read_text().splitlines() if "| lr " in line]
+        rates[scale] = [(float(line.split("| lr ")[1].split()[0]), "free-running" in line) for line in lines]
+    assert [free for _, free in rates["1"]] == [free for _, free in rates["0.25"]] and any(f for _, f in rates["1"]) and not rates["1"][0][1]
+    for (full, free), (scaled, _) in zip(rates["1"], rates["0.25"]):
+        assert scaled == pytest.approx(full * (0.25 if free else 1.0), rel=1e-2)  # the log prints 3 significant digits
