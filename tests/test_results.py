@@ -47,7 +47,7 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     monkeypatch.setattr(render, "ROOT", tmp_path)
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "a.json").write_text(json.dumps(_summary(0.1234, 100, "npt-pretrain --max_steps 100")))
-    b = _summary(0.0567, 100, "npt-pretrain --max_steps 100 --num_ranks 8 --output_dir runs/b --no-progress")
+    b = _summary(0.0567, 100, "npt-pretrain --max_steps 100 --num_ranks 8 --output_dir runs/b --no-progress --save_steps 50 --resume_from_checkpoint latest")
     b["eval"]["step"] = 50  # kept from an earlier evaluation than the last
     (tmp_path / "docs" / "results" / "b.json").write_text(json.dumps(b))
     doc = tmp_path / "README.md"
