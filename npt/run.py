@@ -37,7 +37,7 @@ class RunArguments:
     logging_steps: int = HfArg(default=10, help="Log every N optimizer steps.")
     save_steps: int = HfArg(default=500, help="Checkpoint every N optimizer steps (and at the end).")
     save_total_limit: int = HfArg(default=3, help="Keep the newest N checkpoints.")
-    eval_steps: int = HfArg(default=500, help="Evaluate on the held-out blocks every N optimizer steps (and at the end); 0: only at the end.")
+    eval_steps: int = HfArg(default=500, help="Evaluate on the held-out blocks every N optimizer steps, where teacher forcing ends, and at the end; 0: only those two.")
     eval_batch_size: int = HfArg(default=8, aliases=["--per_device_eval_batch_size"], help="Blocks per evaluation batch.")
     num_samples: int = HfArg(default=2, help="Greedy continuations (teacher and student) shown in TensorBoard at each evaluation.")
     greedy_prompts: int = HfArg(default=16, help="Held-out prompts (32 tokens) whose greedy continuations are compared at each evaluation (eval/greedy_match); 0: none.")

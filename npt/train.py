@@ -11,7 +11,10 @@ the divergence policy (divergence.py) says whether training diverged; the run th
 the state of the last good evaluation (adapters, optimizer and random streams), with its learning
 rate times `--rollback_lr_factor`, at most `--max_rollbacks` times; the step count goes on (the
 schedules and the time budget stay as they were), and the data moves on to fresh batches. The
-final adapter/ holds the adapters with the lowest held-out KL seen.
+run evaluates where teacher forcing ends, so that a free-running rate the model does not bear
+(its training KL doubling within steps) goes back to the state free-running started from, not
+to an earlier one, and tries again at the lower rate. The final adapter/ holds the adapters with
+the lowest held-out KL seen.
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ def setup(cfg: Config) -> Run:
         prepared = accelerator.prepare(objective)
     optimizer = accelerator.prepare(build_optimizer(cfg.optim, list(npt.adapter_parameters()), loss))
     run = Run(cfg, accelerator, out, resume, npt, tokenizer, prepared, objective, loss, optimizer, stream, eval_blocks, data.dataset_name or str(data.data_files),
-              policy=DivergencePolicy(patience=cfg.run.divergence_patience),
+              policy=DivergencePolicy(patience=cfg.run.divergence_patience, training_kl=cfg.loss.logit_kl_weight > 0),
               monitor=ConvergenceMonitor(free_running_layers_trained=cfg.loss.free_running_layer_weight > 0),
               # taken now, with the source as this process loaded it (files edited later do not count)
               provenance=provenance(str(accelerator.device), f"{dtype_name(next(model.parameters()).dtype)} weights, {accelerator.mixed_precision} autocast"))
@@ -380,11 +383,16 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         interval["tokens"] += tokens_per_step if finite else 0
         interval["seconds"] += seconds
 
-        # the logs; the divergence policy on them or on a run of non-finite steps, and its answer
-        if finite and (p.step % cfg.run.logging_steps == 0 or p.step == cfg.optim.max_steps):
+        # the logs (an interval ends with teacher forcing, and a free-running phase's first step is
+        # one of its own, the reference of its training KL); the divergence policy on them or on a
+        # run of non-finite steps, and its answer
+        stage = cfg.stage(p.step - 1)
+        log_now = (p.step % cfg.run.logging_steps == 0 or p.step in (cfg.optim.max_steps, cfg.free_running_from)
+                   or run.policy.needs_training_reference(free_running, stage))
+        if finite and log_now:
             tags, signs = log_step(run, tracker, bar, means, interval, free_running, text_lines, npt_count)
             interval = {"tokens": 0, "seconds": 0.0}
-            respond(run, tracker, run.policy.observe_log(tags, signs, free_running))
+            respond(run, tracker, run.policy.observe_log(tags, signs, free_running, p.step, stage))
         elif not finite:
             respond(run, tracker, run.policy.observe_bad_steps(p.consecutive_bad))
         if p.consecutive_bad >= cfg.run.max_bad_steps:
@@ -402,8 +410,10 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             bar.close()
             tracker.close()
             raise Interrupted(stopper.signum or int(signal.SIGTERM), path)
-        # held-out evaluation and checkpoints
-        if finite and cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0 and p.step < cfg.optim.max_steps:
+        # held-out evaluation (also where teacher forcing ends: the state free-running starts from,
+        # the rollback target should its rate prove too high) and checkpoints
+        scheduled = cfg.run.eval_steps and p.step % cfg.run.eval_steps == 0
+        if finite and (scheduled or (cfg.free_running and p.step == cfg.free_running_from)) and p.step < cfg.optim.max_steps:
             result, record = validate(run, tracker)
             respond(run, tracker, judge(run, record), record)
             greedy = f", greedy match {result.greedy_match:.1f}/{result.greedy_tokens}" if result.greedy_match is not None else ""

@@ -83,13 +83,43 @@ def test_logged_losses_judge_only_teacher_forced_steps_except_non_finite():
     assert policy.observe_bad_steps(2).diverged is None and policy.observe_bad_steps(3).diverged
 
 
+def test_the_free_running_training_kl_is_judged_against_the_phase_first_step_and_its_lowest_interval():
+    """SmolLM2-135M's 30 layers at the teacher-forced rate: 2.33 at the first free-running step,
+    then interval means that climb to several times that within steps."""
+    policy = DivergencePolicy()
+    assert not policy.needs_training_reference(free_running=False)
+    assert policy.needs_training_reference(free_running=True)  # the phase's first step is logged on its own
+    assert policy.observe_log({"loss/mse": 1e9, "loss/logit_kl": 2.33}, [], free_running=True, step=401).diverged is None
+    assert not policy.needs_training_reference(free_running=True)
+    assert policy.observe_log({"loss/mse": 1e9, "loss/logit_kl": 4.65}, [], free_running=True, step=410).diverged is None  # 1.996x
+    assert policy.observe_log({"loss/mse": 1e9, "loss/logit_kl": 1.50}, [], free_running=True, step=420).diverged is None  # the new lowest
+    blown = policy.observe_log({"loss/mse": 1e9, "loss/logit_kl": 3.00}, [], free_running=True, step=430).diverged
+    assert blown == "the training KL (loss/logit_kl) 3.0000 is 2.0x its lowest in this phase, at step 420 (1.5000)"
+    assert policy.observe_log({"loss/mse": 1.0, "loss/logit_kl": math.nan}, [], free_running=True, step=440).diverged == "the training KL (loss/logit_kl) is nan"
+    # a rollback starts the references afresh: the next step is the new first one
+    policy.rolled_back()
+    assert policy.needs_training_reference(free_running=True)
+    assert policy.observe_log({"loss/mse": 1.0, "loss/logit_kl": 5.0}, [], free_running=True, step=441).diverged is None
+    assert policy.observe_log({"loss/mse": 1.0, "loss/logit_kl": 9.9}, [], free_running=True, step=450).diverged is None
+    # each progressive stage is a phase of its own, with its own first step
+    assert policy.needs_training_reference(free_running=True, stage=2)
+    assert policy.observe_log({"loss/mse": 1.0, "loss/logit_kl": 20.0}, [], free_running=True, step=460, stage=2).diverged is None
+    # teacher-forced logs carry no KL, and free-running steps that do not train it are not judged by it
+    untrained = DivergencePolicy(training_kl=False)
+    assert not untrained.needs_training_reference(free_running=True)
+    assert untrained.observe_log({"loss/mse": 1.0, "loss/logit_kl": 1.0}, [], free_running=True, step=1).diverged is None
+    assert untrained.observe_log({"loss/mse": 1.0, "loss/logit_kl": 9.0}, [], free_running=True, step=2).diverged is None
+
+
 def test_the_policy_state_round_trips():
     policy = DivergencePolicy()
     policy.observe_eval(rec(0, 6.9, 0.5), free_running=False)
     policy.observe_eval(rec(10, 6.0, 0.6), free_running=False)  # a strike
+    policy.observe_log({"loss/mse": 1.0, "loss/logit_kl": 0.7}, [], free_running=True, step=11)
     other = DivergencePolicy()
     other.load_state_dict(json.loads(json.dumps(policy.state_dict())))
     assert other.state_dict() == policy.state_dict() and other.strikes == 1
+    assert other.observe_log({"loss/mse": 1.0, "loss/logit_kl": 1.4}, [], free_running=True, step=20).diverged  # 2x the restored lowest
 
 
 @pytest.mark.slow

@@ -106,3 +106,24 @@ def test_every_loss_type_ends_better_than_it_began_on_a_random_teacher(tmp_path,
     assert forced["rel_error_mean"] < before["rel_error_mean"], (before["rel_error"], forced["rel_error"])
     # the last evaluation, not the kept adapters (the lowest KL seen, which may be the start's)
     assert summary["eval_final"]["kl"] < before["kl"], (before["kl"], summary["eval_final"]["kl"])
+
+
+def test_a_free_running_rate_the_model_does_not_bear_goes_back_to_where_teacher_forcing_ended(tmp_path, trained_teacher_dir):
+    """Teacher-forced steps 1-12 at a rate the layers bear, free-running ones at 300x it: the
+    training KL blows up within steps of the switch (judged between evaluations), and the run goes
+    back to the state evaluated where teacher forcing ended, not to the start, at 0.3x the rate."""
+    out = tmp_path / "run"
+    code = main(tiny_args(trained_teacher_dir, out, "--max_steps", "30", "--free_running_steps", "18", "--logging_steps", "5",
+                          "--learning_rate", "2e-2", "--free_running_lr_scale", "300", "--max_rollbacks", "1"))
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["step"] for h in summary["eval_history"]][:2] == [0, 12]  # --eval_steps 0: the start, and where teacher forcing ends
+    first = summary["rollbacks"][0]
+    assert first["to_step"] == 12 and 13 <= first["step"] <= 20 and first["lr_scale"] == pytest.approx(0.3)
+    assert first["reason"].startswith("the training KL (loss/logit_kl)") and "its lowest in this phase, at step 13" in first["reason"]
+    scalars = read_scalars(out)
+    # the teacher-forced interval ends at the switch; the first free-running step is an interval of its own (the reference),
+    # and so is the first step after the rollback
+    assert {10, 12, 13, first["step"] + 1} <= set(scalars["loss/logit_kl"]) | set(scalars["loss/mse"])
+    assert 13 in scalars["loss/logit_kl"] and first["step"] + 1 in scalars["loss/logit_kl"] and 12 not in scalars["loss/logit_kl"]
+    assert scalars["training/free_running"][12] == 0.0 and scalars["training/free_running"][13] == 1.0
