@@ -61,7 +61,7 @@ def parse_modulate(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     bad = [p for p in names if p not in MODULATED]
     if bad or "gate" not in names or len(set(names)) != len(names):
         raise NPTError(f"--modulate {spec!r}: expected the gate and any of up, down, each once (e.g. gate, gate,up or gate,up,down).",
-                       "Pass --modulate gate (the default), gate,up (dual) or gate,up,down (triple).")
+                       "Pass --modulate gate (the original NPT), gate,up (dual) or gate,up,down (triple, the default).")
     return tuple(p for p in MODULATED if p in names)
 
 

@@ -34,10 +34,10 @@ from .verify import prove_conversion, record_teacher
 class AdapterArguments:
     npt_layers: str = HfArg(default="all", help="Layers to convert: all, upper_half, lower_half, or indices/ranges such as '0,2,5-7'.")
     adapter_rank: int = HfArg(default=16, help="Adapter bottleneck rank r (A: d_model -> r).")
-    num_ranks: int = HfArg(default=32, help="Number k of rank-1 gate modulations per token (the guide: 1; 32 is the default recipe, chosen by measurement: CHANGELOG.md).")
+    num_ranks: int = HfArg(default=11, help="Number k of rank-1 modulations per token of each modulated projection (the guide: 1, of the gate alone; 11 of gate, up and down is the default recipe, the adapter size of the gate alone at k = 32, chosen by measurement: CHANGELOG.md).")
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
-    modulate: str = HfArg(default="gate", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
+    modulate: str = HfArg(default="gate,up,down", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple, the default recipe: CHANGELOG.md); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):

@@ -37,8 +37,8 @@ def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int
 
 @dataclasses.dataclass
 class OptimArguments:
-    learning_rate: float = HfArg(default=2e-2, help="Peak learning rate of the adapters (AdamW).")
-    free_running_lr_scale: float = HfArg(default=1.0, help="Multiplies the learning rate in free-running steps (the schedule and rollbacks apply as before). Triple modulation on a deep model trains freely only at a lower rate than it is teacher-forced at (docs/zoo.md).")
+    learning_rate: float = HfArg(default=6e-3, help="Peak learning rate of the adapters (AdamW).")
+    free_running_lr_scale: float = HfArg(default=1.0, help="Multiplies the learning rate in free-running steps (the schedule and rollbacks apply as before). A rate the model does not bear running freely is found and lowered by the rollbacks (docs/checkpoints.md); a lower start saves their steps on a model known to need it.")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
     adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")

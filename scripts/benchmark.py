@@ -4,6 +4,7 @@
     python scripts/benchmark.py                                   # embedded and mid-size shapes, CPU
     python scripts/benchmark.py --shapes llama-1b --device cuda --dtype bfloat16 --batch_size 8 --seq_len 1024
     python scripts/benchmark.py --model_name meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16
+    python scripts/benchmark.py --shapes mid --modulate gate --contenders original,free   # against the original design (the gate alone)
     python scripts/benchmark.py --scaling --shapes mid            # tokens/s and memory vs sequence length and batch size
     python scripts/benchmark.py --shapes smollm2-135m --batch_size 4 --seq_len 64 --contenders free --no_memory   # the real teacher's shape
     python scripts/benchmark.py --shapes embedded,smollm2-135m --compare_ranks 16x16,32x16,16x16-nogain --seq_len 64   # adapter sizes' step cost
@@ -11,9 +12,10 @@
     python scripts/benchmark.py --shapes smollm2-135m --npt_layers 26-29 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
     python scripts/benchmark.py --shapes gemma3-270m --npt_layers 16-17 --batch_size 4 --seq_len 64 --contenders free,free_full --no_memory
 
-For each shape: the teacher forward alone (the floor), the project's training step (forward,
-loss, backward, optimizer step) and a faithful re-creation of the original design, alternated
-on the same model and batch; tokens/s, the step / teacher-forward ratio and peak memory, as a
+For each shape: the teacher forward alone (the floor), the project's teacher-forced and
+free-running training steps (forward, loss, backward, optimizer step) and, with `--contenders
+original --modulate gate`, a faithful re-creation of the original design, alternated on the
+same model and batch; tokens/s, the step / teacher-forward ratio and peak memory, as a
 markdown table. Shapes use random weights (a speed benchmark needs no trained model). Each
 contender's matmul work is counted and printed as GFLOP/s next to this machine's dense matmul
 rate, measured in the same process and dtype on the shape's own MLP matmul: on small shapes the
@@ -209,9 +211,9 @@ class OriginalStep:
         self.teacher = model
         student = copy.deepcopy(model)  # the second full copy of the weights
         if spec.npt_layers != "all" or parse_modulate(spec.modulate) != ("gate",):
-            raise SystemExit("--contenders original re-creates a design that converted every layer and modulated the gate only: "
-                             "drop --npt_layers and --modulate (or 'original').")
-        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain)
+            raise SystemExit("--contenders original re-creates a design that converted every layer and modulated the gate only, so it is "
+                             "compared with a project step that does the same: add --modulate gate and drop --npt_layers (or drop 'original').")
+        self.student = NPTModel.convert(student, "all", spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain, modulate="gate")
         if adapters is not None:
             self.student.load_adapter_state_dict(adapters)
         else:
@@ -474,9 +476,10 @@ class BenchArguments:
     rounds: int = 5
     steps: int = 3
     no_memory: bool = dataclasses.field(default=False, metadata={"help": "skip the per-contender memory processes"})
-    contenders: str = dataclasses.field(default="teacher,project,original,free", metadata={
+    contenders: str = dataclasses.field(default="teacher,project,free", metadata={
         "help": "comma-separated; 'free' is the default recipe's free-running step with the logit KL, 'free_full' the same run from the embeddings "
-                "(as before the teacher's prefix was reused), 'project_bf16' and 'free_bf16' under bfloat16 autocast (teacher and project are always run)"})
+                "(as before the teacher's prefix was reused), 'original' the original design (every layer, the gate alone: with --modulate gate), "
+                "'project_bf16' and 'free_bf16' under bfloat16 autocast (teacher and project are always run)"})
     scaling: bool = dataclasses.field(default=False, metadata={"help": "also tokens/s and memory against sequence length and batch size"})
     peak_tflops: float | None = dataclasses.field(default=None, metadata={"help": "the device's dense peak, for the fraction of ideal FLOP rate (H100 bf16: 989)"})
     compare_ranks: str | None = dataclasses.field(default=None, metadata={

@@ -32,8 +32,8 @@ from npt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> flags on top of the common ones (and the defaults: improved_npt, k=32 rank-1 terms of the
-# gate, the last 80% of steps free-running with the logit KL). Plain MSE is the baseline loss; the guide's own
+# name -> flags on top of the common ones (and the defaults: improved_npt, k=11 rank-1 terms of each of
+# gate, up and down, the last 80% of steps free-running with the logit KL). Plain MSE is the baseline loss; the guide's own
 # setting (k=1, teacher forcing only) is the baseline recipe.
 VARIANTS: dict[str, list[str]] = {
     "mse (baseline loss)": ["--loss_type", "mse"],
@@ -46,18 +46,20 @@ VARIANTS: dict[str, list[str]] = {
     "standard recipe (adaptive + penalty)": ["--config", "configs/standard.yaml"],
     "focal_mse": ["--loss_type", "focal_mse"],
     "smooth_l1_mse": ["--loss_type", "smooth_l1_mse", "--mse_weight", "0.5"],
-    "guide's setting: k=1, teacher forcing only": ["--num_ranks", "1", "--free_running_steps", "0", "--logit_kl_weight", "0"],
+    "guide's setting: k=1, teacher forcing only": ["--modulate", "gate", "--num_ranks", "1", "--free_running_steps", "0", "--logit_kl_weight", "0"],
     "teacher forcing only": ["--free_running_steps", "0", "--logit_kl_weight", "0"],
     "free-running without logit KL": ["--logit_kl_weight", "0", "--free_running_layer_weight", "1"],
     "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
+    "free-running at a tenth of the learning rate": ["--free_running_lr_scale", "0.1"],
     "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
     "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],
     "reverse KL, half of the logit KL": ["--reverse_kl_share", "0.5"],
     "adapter rank 32": ["--adapter_rank", "32"],
     "adapter rank 32, k=8": ["--adapter_rank", "32", "--num_ranks", "8"],
-    "dual modulation (gate, up)": ["--modulate", "gate,up"],
-    "triple modulation (gate, up, down)": ["--modulate", "gate,up,down"],
+    "the gate alone at the same adapter size (k=32)": ["--modulate", "gate", "--num_ranks", "32"],
+    "the previous default: the gate alone, k=32, lr 2e-2": [
+        "--modulate", "gate", "--num_ranks", "32", "--learning_rate", "2e-2"],
     "dual modulation at the default's adapter size (k=16)": ["--modulate", "gate,up", "--num_ranks", "16"],
     "k=4": ["--num_ranks", "4"],
     "k=8": ["--num_ranks", "8"],

@@ -55,27 +55,33 @@ def test_adapter_file_of_the_default_model_holds_the_adapters_only(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=r.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
                                          num_hidden_layers=r.num_layers, num_attention_heads=r.num_heads, tie_word_embeddings=True))
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks)
+    npt = NPTModel.convert(model, cfg.npt_layers, cfg.adapter_rank, cfg.num_ranks, modulate=cfg.modulate)
     npt.save_pretrained(tmp_path)
     size = (tmp_path / ADAPTER_WEIGHTS).stat().st_size
     n_adapter = sum(p.numel() for p in npt.adapter_parameters())
-    assert n_adapter * 4 <= size < n_adapter * 4 + 4096  # the adapters in float32 and a header, nothing else
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / ADAPTER_WEIGHTS), "pt") as f:
         names = list(f.keys())
-    assert sorted({n.split(".", 2)[2] for n in names}) == ["A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m", "gain.bias", "gain.weight"], names
-    # per layer A [r, d], B_m [k d, r], B_f [k f, r], the gain's r + 1; at the default k = 32,
-    # r = 16 that is about this 1.3M-parameter teacher's own size (on a Llama-3.2-1B, 6.8%)
+    assert n_adapter * 4 <= size < n_adapter * 4 + 128 * len(names)  # the adapters in float32 and a header, nothing else
+    assert cfg.modulate == "gate,up,down"
+    assert sorted({n.split(".", 2)[2] for n in names}) == [
+        "A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m", "down.B_f.weight", "down.B_m.weight", "down.c_f", "down.c_m",
+        "gain.bias", "gain.weight", "up.B_f.weight", "up.B_m.weight", "up.c_f", "up.c_m", "up.gain.bias", "up.gain.weight"], names
+    # per layer A [r, d]; gate and up: B_m [k d, r], B_f [k f, r] and a gain of r + 1; down: B_m
+    # [k f, r], B_f [k d, r]. At the default k = 11, r = 16 that is about this 1.3M-parameter
+    # teacher's own size (the gate alone at k = 32 within 4%)
     d, f, k, rank = r.hidden_size, r.intermediate_size, cfg.num_ranks, cfg.adapter_rank
-    assert n_adapter == r.num_layers * (rank * d + k * d * rank + k * f * rank + rank + 1)
+    assert n_adapter == r.num_layers * (rank * d + 3 * k * (d + f) * rank + 2 * (rank + 1))
+    gate_alone = r.num_layers * (rank * d + 32 * (d + f) * rank + rank + 1)
+    assert abs(n_adapter / gate_alone - 1) < 0.04
     assert n_adapter * 4 < 1.1 * base_bytes
 
 
 def test_adapters_without_a_gain_load_as_written_before_it_existed(tmp_path):
     """A file from before the gate gain (no `gate_gain` key, no gain tensors) rebuilds adapters
     without one, computing exactly what it did."""
-    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, gate_gain=False)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, gate_gain=False, modulate="gate")
     randomize_adapters(npt, seed=2)
     npt.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -88,7 +94,7 @@ def test_adapters_without_a_gain_load_as_written_before_it_existed(tmp_path):
     with torch.no_grad():
         assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
     with pytest.raises(NPTError, match="gate_gain"):  # a gained student cannot take these weights
-        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate="gate").load_adapter_state_dict(loaded.adapter_state_dict())
 
 
 def test_damaged_or_mismatched_adapters_are_refused(tmp_path):
@@ -117,7 +123,8 @@ def test_dual_and_triple_modulation_adapters_round_trip_and_refuse_another_varia
     x = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
-    with pytest.raises(NPTError, match="--modulate"):  # gate-only adapters cannot take these weights
-        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
+    other = "gate" if modulate == "gate,up,down" else "gate,up,down"
+    with pytest.raises(NPTError, match="--modulate"):  # adapters of another variant cannot take these weights
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=other).load_adapter_state_dict(loaded.adapter_state_dict())
     with pytest.raises(NPTError, match="--modulate 'gate,left'"):
         NPTModel.convert(tiny_model(), "all", modulate="gate,left")

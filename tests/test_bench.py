@@ -16,7 +16,7 @@ from helpers import ROOT, script_env
 
 @pytest.mark.parametrize("num_ranks", [1, 3])
 def test_original_and_project_designs_compute_the_same_layer_losses(num_ranks):
-    spec = bench.BenchSpec(shape="tiny", batch_size=3, seq_len=16, rank=4, num_ranks=num_ranks)
+    spec = bench.BenchSpec(shape="tiny", batch_size=3, seq_len=16, rank=4, num_ranks=num_ranks, modulate="gate")
     model = bench.build_model(spec)
     x = bench.make_batch(model, spec)
     original = bench.OriginalStep(copy.deepcopy(model), spec)  # its own teacher and student copies
@@ -30,7 +30,7 @@ def test_original_and_project_designs_compute_the_same_layer_losses(num_ranks):
 @pytest.mark.slow
 def test_benchmark_script_prints_the_table(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--shapes", "tiny", "--rounds", "1", "--steps", "1", "--device", "cpu",
-           "--contenders", "original,free,free_bf16", "--seq_len", "32", "--batch_size", "2", "--output_json", str(tmp_path / "bench.json")]
+           "--contenders", "original,free,free_bf16", "--modulate", "gate", "--seq_len", "32", "--batch_size", "2", "--output_json", str(tmp_path / "bench.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout

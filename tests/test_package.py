@@ -107,12 +107,15 @@ def test_the_readme_quickstart_runs_as_written_with_the_installed_package(instal
         f"base = AutoModelForCausalLM.from_pretrained({str(trained_teacher_dir)!r})\n"
         "injected = AutoModelForCausalLM.from_pretrained('runs/injected')\n"
         "report = json.load(open('runs/injected/injection.json'))\n"
+        "weight = lambda m, i, p: getattr(m.model.layers[i].mlp, p + '_proj').weight\n"
+        "assert sorted(report['delta_frobenius']['0']) == ['down', 'gate', 'up']\n"  # the default modulates all three
         "for i in report['layers']:\n"
-        "    diff = injected.model.layers[i].mlp.gate_proj.weight - base.model.layers[i].mlp.gate_proj.weight\n"
-        "    assert abs(diff.norm().item() - 0.5 * report['delta_frobenius'][str(i)]['gate']) < 1e-4 * diff.norm().item() + 1e-6, i\n"
-        "    assert torch.equal(injected.model.layers[i].mlp.up_proj.weight, base.model.layers[i].mlp.up_proj.weight)\n"
+        "    for p, norm in report['delta_frobenius'][str(i)].items():\n"
+        "        diff = weight(injected, i, p) - weight(base, i, p)\n"
+        "        assert abs(diff.norm().item() - 0.5 * norm) < 1e-4 * diff.norm().item() + 1e-6, (i, p)\n"
         "for i in range(1, len(base.model.layers)):\n"
-        "    assert torch.equal(injected.model.layers[i].mlp.gate_proj.weight, base.model.layers[i].mlp.gate_proj.weight), i\n"
+        "    for p in ('gate', 'up', 'down'):\n"
+        "        assert torch.equal(weight(injected, i, p), weight(base, i, p)), (i, p)\n"
         "print('plain transformers loaded it')\n"
     )
     proc = subprocess.run([sys.executable, "-c", check], cwd=work, env=env_without_npt, capture_output=True, text=True, timeout=300)
