@@ -572,6 +572,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "eval_final": final,
         "eval_before": run.policy.start,
         "eval_history": run.eval_history,
+        "adapter": {"modulate": ",".join(run.npt.npt_config.modulate), "num_ranks": run.npt.npt_config.num_ranks, "rank": run.npt.npt_config.rank},
         "greedy_samples_final": run.greedy_samples,
         "rollbacks": p.rollbacks,
         "unrecovered_divergences": p.unrecovered,

@@ -160,6 +160,24 @@ def power_law(tokens: list[float], kls: list[float]) -> tuple[float, float]:
     return math.exp(my - slope * mx), -slope
 
 
+# Summaries record their adapter's shape ("adapter"); those written before they did all predate the
+# triple default (c8b61be), so their shape is the gate alone at k 32, r 16 unless their flags say otherwise.
+LEGACY_ADAPTER = {"modulate": "gate", "num_ranks": 32, "rank": 16}
+ADAPTER_FLAGS = {"--modulate": ("modulate", str), "--num_ranks": ("num_ranks", int), "--adapter_rank": ("rank", int)}
+
+
+def run_adapter(s: dict) -> dict:
+    """The adapter shape a run trained: {"modulate", "num_ranks", "rank"}."""
+    if "adapter" in s:
+        return {k: s["adapter"][k] for k in LEGACY_ADAPTER}
+    shape = dict(LEGACY_ADAPTER)
+    toks = [t for tok in shlex.split(s["provenance"]["command"]) for t in tok.split("=", 1)]
+    for flag, (key, cast) in ADAPTER_FLAGS.items():
+        if flag in toks[:-1]:
+            shape[key] = cast(toks[toks.index(flag) + 1])
+    return shape
+
+
 def extrapolation(paths: list[str]) -> str:
     """KL against tokens, fitted on the second half of a run's evaluations, and what reaching KL 0.5
     and 0.2 would cost for Llama-3.2-1B by the FLOPs of its free-running step."""
@@ -175,14 +193,16 @@ def extrapolation(paths: list[str]) -> str:
             "learning-rate decay, which makes the fit optimistic).")
     if b <= 0:
         return head + " The KL does not fall over that stretch: no number of tokens reaches a lower KL on this curve."
-    spec = benchmark.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
+    adapter = run_adapter(s)
+    spec = benchmark.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all", **adapter)
     per_token = benchmark.step_flops(spec)["free"] / (spec.batch_size * spec.seq_len)
     cells = []
     for target in (0.5, 0.2):
         tokens = (a / target) ** (1 / b)
         hours = tokens * per_token / (GPU_PEAK_FLOPS * GPU_UTILISATION) / 3600
         cells.append(f"KL {target} after {tokens:.2g} tokens, {hours:.2g} GPU hours")
-    return "\n".join([head, "", f"{'; '.join(cells)}: for Llama-3.2-1B (all 16 layers converted; its free-running step "
+    return "\n".join([head, "", f"{'; '.join(cells)}: for Llama-3.2-1B (all 16 layers converted, this run's adapter: {adapter['modulate'].replace(',', '+')} "
+                      f"k {adapter['num_ranks']} r {adapter['rank']}; its free-running step "
                       f"{per_token / 1e9:.1f} GFLOP of matmul work per token) at {GPU_UTILISATION:.0%} of an H100's "
                       f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak, if it needed as many tokens as this run's model.",
                       "", "From:", *_sources([s])])

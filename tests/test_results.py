@@ -75,10 +75,20 @@ def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, m
     (tmp_path / "curve.json").write_text(json.dumps(s))
     text = render.extrapolation(["curve.json"])
     assert "`KL = 2 T^-0.500`" in text and "5 evaluations, steps 4-8" in text
-    spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all")
+    # a summary without its adapter predates the triple default: the gate alone, k 32, priced as such
+    spec = bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all", modulate="gate", num_ranks=32, rank=16)
     per_token = bench.step_flops(spec)["free"] / (8 * 2048)
     assert f"KL 0.5 after 16 tokens, {16 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
     assert f"KL 0.2 after 1e+02 tokens, {100 * per_token / (0.4 * 989e12) / 3600:.2g} GPU hours" in text
+    assert f"this run's adapter: gate k 32 r 16; its free-running step {per_token / 1e9:.1f} GFLOP" in text
+    # the adapter a run records, or its flags, set the step's cost: a rank-64 triple costs more than the gate
+    for record in ({"adapter": {"modulate": "gate,up,down", "num_ranks": 11, "rank": 64}},
+                   {"provenance": s["provenance"] | {"command": "npt-pretrain --modulate=gate,up,down --num_ranks 11 --adapter_rank 64"}}):
+        assert render.run_adapter(s | record) == {"modulate": "gate,up,down", "num_ranks": 11, "rank": 64}
+        (tmp_path / "curve.json").write_text(json.dumps(s | record))
+        big = bench.step_flops(bench.BenchSpec(shape="llama-1b", batch_size=8, seq_len=2048, npt_layers="all", modulate="gate,up,down",
+                                               num_ranks=11, rank=64))["free"] / (8 * 2048)
+        assert big > 1.01 * per_token and f"gate+up+down k 11 r 64; its free-running step {big / 1e9:.1f} GFLOP" in render.extrapolation(["curve.json"])
     s["eval_history"] = [{"step": t, "kl": 0.1 * t} for t in range(1, 9)]  # rising: nothing to extrapolate
     (tmp_path / "curve.json").write_text(json.dumps(s))
     assert "does not fall" in render.extrapolation(["curve.json"])
