@@ -32,7 +32,9 @@ def test_ablation_runs_end_to_end_and_writes_table_and_plot(tmp_path, trained_te
     assert results["provenance"]["machine"]["cores"] >= 1 and results["provenance"]["date"].startswith("20")
     rows = results["rows"]
     assert [r["variant"] for r in rows] == variants.split(";")
-    assert all([h["step"] for h in r["summary"]["eval_history"]] == [0, 5, 10] for r in rows)
+    # every 5 steps, and where teacher forcing ends (step 2) in the variants that run freely
+    assert {r["variant"]: [h["step"] for h in r["summary"]["eval_history"]] for r in rows} == {
+        name: [0, 5, 10] if name.startswith("guide's setting") else [0, 2, 5, 10] for name in variants.split(";")}
     # the variants really ran with their own settings, on the same model and budget
     cfgs = {r["variant"]: r["config"] for r in rows}
     assert cfgs["mse (baseline loss)"]["loss_type"] == "mse" and cfgs["standard recipe (adaptive + penalty)"]["use_gradient_penalty"]
