@@ -171,7 +171,7 @@ def run_adapter(s: dict) -> dict:
     if "adapter" in s:
         return {k: s["adapter"][k] for k in LEGACY_ADAPTER}
     shape = dict(LEGACY_ADAPTER)
-    toks = [t for tok in shlex.split(s["provenance"]["command"]) for t in tok.split("=", 1)]
+    toks = [t for tok in _flags(s["provenance"]["command"]) for t in tok.split("=", 1)]
     for flag, (key, cast) in ADAPTER_FLAGS.items():
         if flag in toks[:-1]:
             shape[key] = cast(toks[toks.index(flag) + 1])
