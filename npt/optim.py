@@ -39,6 +39,7 @@ def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int
 class OptimArguments:
     learning_rate: float = HfArg(default=6e-3, help="Peak learning rate of the adapters (AdamW).")
     free_running_lr_scale: float = HfArg(default=1.0, help="Multiplies the learning rate in free-running steps (the schedule and rollbacks apply as before). A rate the model does not bear running freely is found and lowered by the rollbacks (docs/checkpoints.md); a lower start saves their steps on a model known to need it.")
+    reset_moments_at_free_running: bool = HfArg(default=False, help="Clear AdamW's moments where free-running starts. The teacher-forced phase leaves second moments of another loss's gradients, far smaller than the free-running ones, so that without the reset the first few hundred free-running updates are several times the rate.")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
     adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")
@@ -101,6 +102,12 @@ def build_optimizer(args: OptimArguments, adapters: list[nn.Parameter], loss_mod
     if extra:
         groups.append({"params": extra, "lr": args.adaptive_weights_lr, "weight_decay": 0.0, "base_lr": args.adaptive_weights_lr})
     return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+def reset_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Forget AdamW's moments and step counts; each parameter's state is rebuilt, bias correction
+    included, at its next update."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()  # through accelerate's wrapper
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -51,7 +51,7 @@ from .metrics import IntervalMeans, Tracker, to_tags
 from .model import NPTModel
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
-from .optim import build_optimizer, set_learning_rate
+from .optim import build_optimizer, reset_moments, set_learning_rate
 from .provenance import provenance
 from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_device, resolve_output_dir
 from .schedules import converted_count
@@ -287,6 +287,8 @@ def banner(run: Run) -> None:
                    f"{'each layer against its teacher layer on the same input' if cfg.loss.free_running_layer_target == 'local' else 'against the teacher hidden states'})")
     if cfg.free_running and cfg.optim.free_running_lr_scale != 1:
         phases += f", at {cfg.optim.free_running_lr_scale:g} x the learning rate"
+    if cfg.free_running and cfg.optim.reset_moments_at_free_running:
+        phases += ", AdamW's moments cleared where it starts"
     if cfg.free_running and cfg.loss.progressive_stages > 1:
         phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
                    f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")
@@ -339,6 +341,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         p = run.progress
         # this step's learning rate and phase
         free_running = p.step >= cfg.free_running_from
+        if cfg.optim.reset_moments_at_free_running and cfg.free_running and p.step == cfg.free_running_from:
+            reset_moments(run.optimizer)  # also after a rollback to the switch, or a resume there
         set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_lr_scale if free_running else 1.0))
         npt_count = cfg.npt_count(p.step, len(run.layers))
         started = time.perf_counter()

@@ -77,3 +77,42 @@ def test_free_running_steps_train_at_their_own_learning_rate(micro_teacher, tmp_
     assert any(f for _, f in rates["1"]) and not rates["1"][0][1]
     for (full, free), (scaled, _) in zip(rates["1"], rates["0.25"]):
         assert scaled == pytest.approx(full * (0.25 if free else 1.0), rel=1e-5)
+
+
+def test_moments_cleared_where_free_running_starts(micro_teacher, tmp_path):
+    """--reset_moments_at_free_running: the first free-running update is Adam's first, each adapter
+    entry moving by the learning rate (m/sqrt(v) = g/|g|); without it the moments carry on. A run
+    resumed from the checkpoint at the switch clears them alike."""
+    import shutil
+
+    import torch
+
+    from npt.serialization import load_adapter_weights
+
+    teacher, text = micro_teacher
+    flags = ["--model_name", str(teacher), "--data_files", str(text), "--max_length", "16", "--batch_size", "2", "--eval_blocks", "2",
+             "--eval_steps", "0", "--logging_steps", "1", "--num_samples", "0", "--no-progress", "--max_steps", "10", "--free_running_steps", "3",
+             "--save_steps", "1", "--save_total_limit", "20", "--mixed_precision", "no", "--learning_rate", "1e-2", "--warmup_steps", "0"]
+    steps = {}
+    for name in ("carried", "cleared"):
+        out = tmp_path / name
+        assert main([*flags, "--output_dir", str(out), *(["--reset_moments_at_free_running"] if name == "cleared" else [])]) == 0
+        state = lambda s: torch.load(out / "checkpoints" / f"step-{s:08d}" / "training_state.pt", weights_only=True)["optimizer"]["state"]
+        steps[name] = {s: {float(v["step"]) for v in state(s).values()} for s in (7, 8, 10)}
+    assert steps["carried"] == {7: {7.0}, 8: {8.0}, 10: {10.0}}
+    assert steps["cleared"] == {7: {7.0}, 8: {1.0}, 10: {3.0}}  # step 7: where free-running starts
+
+    out = tmp_path / "cleared"
+    lr = read_scalars(out)["training/learning_rate"][8]
+    before = load_adapter_weights(out / "checkpoints" / "step-00000007")
+    after = load_adapter_weights(out / "checkpoints" / "step-00000008")
+    moved = torch.cat([(after[k] - before[k]).abs().flatten() for k in before])
+    moved = moved[moved > 0]
+    assert moved.numel() > 1000 and moved.max() <= lr * (1 + 1e-5) and moved.median() == pytest.approx(lr, rel=1e-3)
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000007", part / "checkpoints" / "step-00000007")
+    assert main([*flags, "--output_dir", str(part), "--reset_moments_at_free_running", "--resume_from_checkpoint", "latest"]) == 0
+    wa, wb = load_adapter_weights(out / "adapter"), load_adapter_weights(part / "adapter")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical on CPU
