@@ -473,7 +473,7 @@ def validate(run: Run, tracker: Tracker) -> tuple[EvalResult, dict]:
     if cfg.run.greedy_prompts:  # on every process: sharded layers need all of them, and the records stay alike
         result, samples = measure_greedy(result, run.npt, run.tokenizer, run.eval_blocks, cfg.run.greedy_prompts, cfg.run.greedy_tokens, synced=run.sharded)
     tracker.scalars(p.step, result.scalars())
-    record = {"step": p.step} | result.record()
+    record = {"step": p.step, "train_seconds": round(p.train_seconds, 3)} | result.record()  # the time to it: "KL x within t minutes"
     run.eval_history.append(record)
     run.greedy_samples = samples
     if samples and cfg.run.num_samples:

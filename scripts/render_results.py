@@ -108,10 +108,12 @@ def curve(paths: list[str]) -> str:
     (path,) = paths
     s = load(path)
     per_step = s["tokens_seen"] / max(s["steps"], 1)
-    lines = ["| step | tokens | KL (nats/token) | top-1 agreement | greedy match | perplexity ratio | mean rel error |", "|---|---|---|---|---|---|---|"]
+    timed = all("train_seconds" in h for h in s["eval_history"])  # older results files lack the time
+    lines = ["| step | tokens | KL (nats/token) | top-1 agreement | greedy match | perplexity ratio | mean rel error |" + (" training (min) |" if timed else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
     for h in s["eval_history"]:
         lines.append(f"| {h['step']} | {round(h['step'] * per_step):,} | {h['kl']:.4f} | {h['top1_agreement']:.1%} | {_greedy(h)} | {h['ppl_ratio']:.3f} "
-                     f"| {h['rel_error_mean']:.3f} |")
+                     f"| {h['rel_error_mean']:.3f} |" + (f" {h['train_seconds'] / 60:.1f} |" if timed else ""))
     return "\n".join(lines + ["", "From:", *_sources([s])])
 
 

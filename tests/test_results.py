@@ -65,6 +65,16 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     assert len(render.stale()) == 1 and render.main(["--check"]) == 1
 
 
+def test_a_curve_shows_the_training_time_of_each_evaluation_where_recorded(tmp_path):
+    s = _summary(0.1, 100, "npt-pretrain --max_steps 100")
+    (tmp_path / "old.json").write_text(json.dumps(s))
+    assert render.curve([str(tmp_path / "old.json")]).splitlines()[2] == "| 0 | 0 | 0.5000 | 87.5% | 3.2 / 32 | 1.042 | 0.250 |"
+    s["eval_history"] = [h | {"train_seconds": t} for h, t in zip(s["eval_history"], (0.0, 123.4))]
+    (tmp_path / "new.json").write_text(json.dumps(s))
+    rows = render.curve([str(tmp_path / "new.json")]).splitlines()
+    assert rows[0].endswith("| mean rel error | training (min) |") and rows[3] == "| 100 | 25,600 | 0.1000 | 87.5% | 3.2 / 32 | 1.042 | 0.250 | 2.1 |"
+
+
 def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, monkeypatch):
     """KL = 2 T^-1/2 exactly on the second half (the first half, off the law, is left out): KL 0.5
     at (2 / 0.5)^2 = 16 tokens, 0.2 at 100; GPU hours = tokens x FLOPs per token / (0.4 x 989e12)."""
