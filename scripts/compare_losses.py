@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/ablation")
-    parser.add_argument("--variants", default="quick", help=f"quick ({'; '.join(QUICK)}), all, or a semicolon-separated list of: {'; '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="quick", help=f"quick ({'; '.join(QUICK)}), all, or a semicolon-separated list of: {'; '.join(VARIANTS)}".replace("%", "%%"))  # argparse %-formats help
     parser.add_argument("--list", action="store_true", help="list the variants and their flags")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at the same time, each in its own process on cores/jobs threads")
     args = parser.parse_args(own)
