@@ -51,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
     "free-running without logit KL": ["--logit_kl_weight", "0", "--free_running_layer_weight", "1"],
     "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
     "free-running at a tenth of the learning rate": ["--free_running_lr_scale", "0.1"],
+    "AdamW's moments cleared where free-running starts": ["--reset_moments_at_free_running"],
     "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
     "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],

@@ -133,14 +133,15 @@ def zoo(paths: list[str]) -> str:
 
 
 def ablation(paths: list[str]) -> str:
-    lines = ["| variant | flags | KL (nats/token, 95%) | top-1 agreement | greedy match | perplexity ratio | mean rel error | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | flags | KL (nats/token, 95%) | top-1 agreement | greedy match | perplexity ratio | mean rel error | training (s) | rollbacks |",
+             "|---|---|---|---|---|---|---|---|---|"]
     results = [load(p) for p in paths]
     for res in results:
         for row in res["rows"]:
-            e = row["summary"]["eval"]
+            s = row["summary"]
+            e = s["eval"]
             lines.append(f"| {row['variant']} | `{row['flags']}` | {_kl(e)} | {e['top1_agreement']:.1%} | {_greedy(e)} | {e['ppl_ratio']:.3f} "
-                         f"| {e['rel_error_mean']:.4f} | {row['seconds']:.0f} |")
+                         f"| {e['rel_error_mean']:.4f} | {s['train_seconds']:.0f} | {len(s['rollbacks'])} |")
     return "\n".join(lines + ["", "From:", *_sources(results)])
 
 

@@ -75,6 +75,21 @@ def test_a_curve_shows_the_training_time_of_each_evaluation_where_recorded(tmp_p
     assert rows[0].endswith("| mean rel error | training (min) |") and rows[3] == "| 100 | 25,600 | 0.1000 | 87.5% | 3.2 / 32 | 1.042 | 0.250 | 2.1 |"
 
 
+def test_an_ablation_row_shows_the_training_time_and_the_rollbacks_of_its_run(tmp_path):
+    rows = []
+    for name, flags, kl, rollbacks in (("improved_npt (default)", "--loss_type improved_npt", 0.1234, []),
+                                       ("moments reset", "--reset_moments_at_free_running", 0.0567, [{"step": 410, "to_step": 400}])):
+        s = _summary(kl, 100, "compare_losses.py --output_dir runs/ablation")
+        s["rollbacks"] = rollbacks
+        rows.append({"variant": name, "flags": flags, "seconds": 999.0, "summary": s})
+    (tmp_path / "ablation.json").write_text(json.dumps({"kind": "ablation", "rows": rows, "provenance": rows[0]["summary"]["provenance"]}))
+    lines = render.ablation([str(tmp_path / "ablation.json")]).splitlines()
+    assert lines[0].endswith("| mean rel error | training (s) | rollbacks |")
+    # the run's own training seconds (123.4), not the row's wall time with its evaluations (999)
+    assert lines[2] == "| improved_npt (default) | `--loss_type improved_npt` | 0.1234 +- 0.0196 | 87.5% | 3.2 / 32 | 1.042 | 0.2500 | 123 | 0 |"
+    assert lines[3].endswith("| 0.0567 +- 0.0196 | 87.5% | 3.2 / 32 | 1.042 | 0.2500 | 123 | 1 |")
+
+
 def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, monkeypatch):
     """KL = 2 T^-1/2 exactly on the second half (the first half, off the law, is left out): KL 0.5
     at (2 / 0.5)^2 = 16 tokens, 0.2 at 100; GPU hours = tokens x FLOPs per token / (0.4 x 989e12)."""

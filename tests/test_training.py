@@ -254,6 +254,19 @@ def test_every_tool_prints_its_help(tool, capsys):
     assert "--" in capsys.readouterr().out
 
 
+def test_every_ablation_variant_parses_to_its_own_config(tmp_path):
+    """Each variant's flags are flags of the main job (a renamed flag would fail a long ablation
+    only when its row comes up), and each changes the configuration."""
+    compare_losses = importlib.import_module("compare_losses")
+    default = compare_losses.variant_config([], [], tmp_path / "default").to_flat()
+    for name, flags in compare_losses.VARIANTS.items():
+        cfg = compare_losses.variant_config(flags, [], tmp_path / "v")
+        changed = {k for k, v in cfg.to_flat().items() if default.get(k) != v and k != "output_dir"}
+        assert changed or name == "improved_npt (default)", name
+    reset = compare_losses.variant_config(compare_losses.VARIANTS["AdamW's moments cleared where free-running starts"], [], tmp_path / "r")
+    assert reset.optim.reset_moments_at_free_running
+
+
 def test_compiled_training_matches_eager(tmp_path, trained_teacher_dir):
     """--compile (teacher-forced and free-running steps) trains the same adapters as eager mode."""
     args = ("--max_steps", "4", "--eval_steps", "0", "--num_samples", "0", "--use_adaptive_weights", "--mixed_precision", "no")
