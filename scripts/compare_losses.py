@@ -52,14 +52,14 @@ VARIANTS: dict[str, list[str]] = {
     "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
     "free-running at a tenth of the learning rate": ["--free_running_lr_scale", "0.1"],
     "AdamW's moments cleared where free-running starts": ["--reset_moments_at_free_running"],
-    "teacher forcing for 40% of the steps (the previous default)": ["--free_running_steps", "0.6"],
+    "teacher forcing for 40% of the steps (the default until 2026-12-01)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
-    "cosine learning-rate schedule (the previous default)": ["--lr_scheduler", "cosine"],
+    "cosine learning-rate schedule (the default until 2026-12-01)": ["--lr_scheduler", "cosine"],
     "reverse KL, half of the logit KL": ["--reverse_kl_share", "0.5"],
     "adapter rank 32": ["--adapter_rank", "32"],
     "adapter rank 32, k=8": ["--adapter_rank", "32", "--num_ranks", "8"],
     "the gate alone at the same adapter size (k=32)": ["--modulate", "gate", "--num_ranks", "32"],
-    "the previous default: the gate alone, k=32, lr 2e-2": [
+    "the gate alone, k=32, lr 2e-2 (the default until c8b61be)": [
         "--modulate", "gate", "--num_ranks", "32", "--learning_rate", "2e-2"],
     "dual modulation at the default's adapter size (k=16)": ["--modulate", "gate,up", "--num_ranks", "16"],
     "k=4": ["--num_ranks", "4"],

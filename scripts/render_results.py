@@ -137,6 +137,11 @@ def ablation(paths: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     results = [load(p) for p in paths]
     for res in results:
+        # the runs' own threads and dtype (the ablation process's are not theirs: --jobs splits the cores)
+        per_run = {(m["threads"], m.get("dtype")) for m in (r["summary"]["provenance"]["machine"] for r in res["rows"])}
+        if len(per_run) == 1:
+            threads, dtype = per_run.pop()
+            res["provenance"] = res["provenance"] | {"machine": res["provenance"]["machine"] | {"threads": threads, "dtype": dtype}}
         for row in res["rows"]:
             s = row["summary"]
             e = s["eval"]

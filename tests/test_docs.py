@@ -9,6 +9,7 @@ import pkgutil
 import re
 
 import npt
+import render_results as render
 from helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -93,6 +94,8 @@ EARLIER = re.compile(r"previous default|earlier default|default before|defaults 
 
 def test_no_figure_of_an_earlier_default_outside_the_changelog():
     files = [*DOCS, *sorted((ROOT / "npt").glob("*.py"))]
-    hits = [f"{f.relative_to(ROOT)}:{n}: {line.strip()}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+    # a generated table quotes its run's command and labels as recorded (render_results.py)
+    prose = {f: render.BLOCK.sub("", f.read_text()) for f in files}
+    hits = [f"{f.relative_to(ROOT)}:{n}: {line.strip()}" for f in files for n, line in enumerate(prose[f].splitlines(), 1)
             if EARLIER.search(line)]
     assert hits == []

@@ -82,12 +82,15 @@ def test_an_ablation_row_shows_the_training_time_and_the_rollbacks_of_its_run(tm
         s = _summary(kl, 100, "compare_losses.py --output_dir runs/ablation")
         s["rollbacks"] = rollbacks
         rows.append({"variant": name, "flags": flags, "seconds": 999.0, "summary": s})
-    (tmp_path / "ablation.json").write_text(json.dumps({"kind": "ablation", "rows": rows, "provenance": rows[0]["summary"]["provenance"]}))
+    process = rows[0]["summary"]["provenance"] | {"machine": {"cores": 2, "threads": 2, "device": "cpu", "device_name": "x86_64", "dtype": None}}
+    (tmp_path / "ablation.json").write_text(json.dumps({"kind": "ablation", "rows": rows, "provenance": process}))
     lines = render.ablation([str(tmp_path / "ablation.json")]).splitlines()
     assert lines[0].endswith("| mean rel error | training (s) | rollbacks |")
     # the run's own training seconds (123.4), not the row's wall time with its evaluations (999)
     assert lines[2] == "| improved_npt (default) | `--loss_type improved_npt` | 0.1234 +- 0.0196 | 87.5% | 3.2 / 32 | 1.042 | 0.2500 | 123 | 0 |"
     assert lines[3].endswith("| 0.0567 +- 0.0196 | 87.5% | 3.2 / 32 | 1.042 | 0.2500 | 123 | 1 |")
+    # each run's threads and dtype, not those of the process that ran two at a time
+    assert lines[-1].endswith(", 2 CPU cores, 1 thread(s), float32 weights, bf16 autocast"), lines[-1]
 
 
 def test_the_extrapolation_fits_the_second_half_of_the_curve_by_hand(tmp_path, monkeypatch):
