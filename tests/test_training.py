@@ -255,8 +255,8 @@ def test_every_tool_prints_its_help(tool, capsys):
 
 
 def test_every_ablation_variant_parses_to_its_own_config(tmp_path):
-    """Each variant's flags are flags of the main job (a renamed flag would fail a long ablation
-    only when its row comes up), and each changes the configuration."""
+    """Each variant's flags are flags of the main job (a renamed flag is caught here, not when
+    someone starts an ablation), and each changes the configuration."""
     compare_losses = importlib.import_module("compare_losses")
     default = compare_losses.variant_config([], [], tmp_path / "default").to_flat()
     for name, flags in compare_losses.VARIANTS.items():
