@@ -149,34 +149,41 @@ class Modulation(nn.Module):
 
     def frob2(self, z: torch.Tensor, gamma: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The per-token ||dW||_F^2, exactly (the regulariser)."""
-        low_rank = self._low_rank_frob2(z)
-        if gamma is None:
-            return low_rank
-        if weight is None:
-            raise ValueError("The regulariser of a modulation with a gain needs the projection's weight.")
-        # ||gamma W + L||^2 = gamma^2 ||W||^2 + 2 gamma <W, L> + ||L||^2, and
-        # <W, L> = s sum_j v_f[j]^T W v_m[j] = s c_f c_m z^T (sum_j B_f[j]^T W B_m[j]) z:
-        # one [r, r] matrix per step (k r d_in d_out), then r^2 per token
-        k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
-        w = weight.detach().to(z.dtype)
-        w_bm = torch.einsum("fd,kdr->kfr", w, self.B_m.weight.view(k, d, r))
-        cross = torch.einsum("kfr,kfs->rs", self.B_f.weight.view(k, f, r), w_bm)
-        zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
-        inner = (self.scale * self.c_f * self.c_m) * (zz @ cross.flatten())
-        return gamma.square() * w.square().sum() + 2.0 * gamma * inner + low_rank
+        return self.frob2_from(quadratic_forms(z, self.frob2_forms(weight)), gamma, weight)
 
-    def _low_rank_frob2(self, z: torch.Tensor) -> torch.Tensor:
+    def frob2_forms(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """[r^2, n]: the per-token ||dW||_F^2 is a function of n quadratic forms z^T Q z, one
+        column vec(Q) each (`frob2_from` combines them), made once per step from the weights:
+
+            ||L||^2  = s^2 c_m^2 c_f^2 sum_{j,l} (z^T B_m[j]^T B_m[l] z) (z^T B_f[j]^T B_f[l] z)
+            <W, L>   = s c_f c_m z^T (sum_j B_f[j]^T W B_m[j]) z                (with a gain)
+            ||gamma W + L||^2 = gamma^2 ||W||^2 + 2 gamma <W, L> + ||L||^2
+
+        The pairs j <= l only enter (the products are symmetric in j, l)."""
         k, d, f, r = self.num_ranks, self.d_in, self.d_out, self.rank
         w_m = self.B_m.weight.view(k, d, r)
         w_f = self.B_f.weight.view(k, f, r)
-        # dots[j, l] = dots[l, j], so only pairs j <= l enter (off-diagonal ones counted twice): a
-        # [tokens, r^2] x [r^2, k(k+1)/2] GEMM instead of [r^2] x [r^2, k^2]
-        a, b = torch.triu_indices(k, k, device=z.device)
-        twice = (a != b).to(z.dtype) + 1.0
-        zz = (z.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # [..., r^2]
-        dots_m = zz @ _pair_gram(w_m, a, b)  # [..., k(k+1)/2]: v_m[j] . v_m[l] / c_m^2
-        dots_f = zz @ _pair_gram(w_f, a, b)
-        return (self.scale * self.c_m * self.c_f) ** 2 * ((dots_m * dots_f) @ twice)
+        a, b = torch.triu_indices(k, k, device=w_m.device)
+        forms = [_pair_gram(w_m, a, b), _pair_gram(w_f, a, b)]  # [r^2, k(k+1)/2] each
+        if self.gain is not None:
+            if weight is None:
+                raise ValueError("The regulariser of a modulation with a gain needs the projection's weight.")
+            # one [r, r] matrix per step (k r d_in d_out), then r^2 per token
+            w_bm = torch.einsum("fd,kdr->kfr", weight.detach().to(w_m.dtype), w_m)
+            forms.append(torch.einsum("kfr,kfs->rs", w_f, w_bm).reshape(r * r, 1))
+        return torch.cat(forms, 1)
+
+    def frob2_from(self, forms: torch.Tensor, gamma: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-token ||dW||_F^2 from the values of `frob2_forms`'s quadratic forms [..., n]."""
+        k = self.num_ranks
+        pairs = k * (k + 1) // 2
+        a, b = torch.triu_indices(k, k, device=forms.device)
+        twice = (a != b).to(forms.dtype) + 1.0  # an off-diagonal pair stands for (j, l) and (l, j)
+        low_rank = (self.scale * self.c_m * self.c_f) ** 2 * ((forms[..., :pairs] * forms[..., pairs : 2 * pairs]) @ twice)
+        if gamma is None:
+            return low_rank
+        inner = (self.scale * self.c_f * self.c_m) * forms[..., 2 * pairs]
+        return gamma.square() * weight.detach().to(forms.dtype).square().sum() + 2.0 * gamma * inner + low_rank
 
     @torch.no_grad()
     def calibrate_terms_(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
@@ -262,26 +269,33 @@ class NPTAdapter(Modulation):
         per-token regulariser of these (None when not asked for). `weights`: {"gate": (W_g, b_g),
         "up": (W_u, b_u)}."""
         z = self.bottleneck(attn)
-        gate, frob2 = self.modulate(x, z, gate, *weights["gate"], regularizer)
+        gate, _ = self.modulate(x, z, gate, *weights["gate"], regularizer=False)
         if self.up is not None:
-            up, up_frob2 = self.up.modulate(x, z, up, *weights["up"], regularizer)
-            frob2 = frob2 + up_frob2 if regularizer else None
-        return gate, up, z, frob2
+            up, _ = self.up.modulate(x, z, up, *weights["up"], regularizer=False)
+        return gate, up, z, (self.frob2_all(z, weights) if regularizer else None)
 
-    def modulate_down(self, y: torch.Tensor, z: torch.Tensor, down: torch.Tensor, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W_d y + b_d (`down`) with the down modulation added, and its per-token regulariser."""
-        return self.down.modulate(y, z, down, regularizer=regularizer)
+    def modulate_down(self, y: torch.Tensor, z: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """W_d y + b_d (`down`) with the down modulation added (its regulariser is in
+        `modulate_inputs`': it depends on z alone)."""
+        return self.down.modulate(y, z, down, regularizer=False)[0]
 
     def regularizer(self, attn: torch.Tensor, weights: dict) -> torch.Tensor:
         """The per-token regulariser alone, sum over the modulated matrices of ||dW||_F^2 (it
         depends on `attn` only). Called through the module (`NPTDecoderLayer.regularizer`)."""
-        z = self.bottleneck(attn)
-        frob2 = self.frob2(z, self.gain_of(z), weights["gate"][0])
+        return self.frob2_all(self.bottleneck(attn), weights)
+
+    def frob2_all(self, z: torch.Tensor, weights: dict) -> torch.Tensor:
+        """sum over the modulated matrices of the per-token ||dW||_F^2: every matrix's quadratic
+        forms in z evaluated at once, from one set of z's pairwise products (`quadratic_forms`), the
+        part of the regulariser that grows as r^2."""
+        mods = [(self, weights["gate"][0])]
         if self.up is not None:
-            frob2 = frob2 + self.up.frob2(z, self.up.gain_of(z), weights["up"][0])
+            mods.append((self.up, weights["up"][0]))
         if self.down is not None:
-            frob2 = frob2 + self.down.frob2(z)
-        return frob2
+            mods.append((self.down, None))
+        forms = [m.frob2_forms(w) for m, w in mods]
+        values = quadratic_forms(z, torch.cat(forms, 1)).split([f.shape[1] for f in forms], -1)
+        return sum(m.frob2_from(v, m.gain_of(z), w) for (m, w), v in zip(mods, values))
 
     @torch.no_grad()
     def calibrate_(self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None = None,
@@ -301,6 +315,21 @@ class NPTAdapter(Modulation):
         if self.down is not None:
             stats["down"] = self.down.calibrate_terms_(hidden, z, down)
         return stats
+
+
+def quadratic_forms(z: torch.Tensor, forms: torch.Tensor) -> torch.Tensor:
+    """[..., n]: z^T Q_c z for each column c = vec(Q_c) of `forms` [r^2, n], by whichever of two
+    exact evaluations holds fewer values per token (measured the faster on CPU at the shapes of
+    docs/performance.md): with few forms (n < r), the n vectors Q_c z; with many, the r(r+1)/2
+    products z_i z_j, i <= j (Q_c's symmetric part folded onto them), once for all n forms."""
+    r, n = z.shape[-1], forms.shape[1]
+    q = forms.view(r, r, n)
+    if n < r:
+        qz = (z @ q.permute(0, 2, 1).reshape(r, n * r)).unflatten(-1, (n, r))  # [..., n, r]: z^T Q_c
+        return (qz * z.unsqueeze(-2)).sum(-1)
+    i, j = torch.triu_indices(r, r, device=z.device)
+    folded = (q + q.transpose(0, 1))[i, j] * torch.where(i == j, 0.5, 1.0).to(forms.dtype).unsqueeze(-1)
+    return (z[..., i] * z[..., j]) @ folded
 
 
 def _pair_gram(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -453,8 +482,7 @@ class NPTDecoderLayer(nn.Module):
         act = w.activation(self.layer)
         if self.adapter.down is not None:  # added in d_model space, before any post-feedforward norm
             y = act(gate) * up
-            tail, down_frob2 = self.adapter("modulate_down", y, z, mlp.down_proj(y), regularizer)
-            frob2 = frob2 + down_frob2 if regularizer else None
+            tail = self.adapter("modulate_down", y, z, mlp.down_proj(y))
         elif up.requires_grad or mlp.down_proj.weight.requires_grad:  # free-running, a modulated up, or a trainable MLP
             tail = mlp.down_proj(act(gate) * up)
         else:

@@ -479,6 +479,24 @@ def test_the_pair_grams_backward_is_autograds_own():
     torch.testing.assert_close(grad, grad_ref)
 
 
+@pytest.mark.parametrize("r,n", [(6, 20), (6, 3)])  # the two evaluations: many forms (z_i z_j), few (Q_c z)
+def test_the_regularisers_quadratic_forms_and_their_gradients_are_exact(r, n):
+    """z^T Q_c z per token and column, with gradients to z and to the forms, against the plain
+    einsum, for non-symmetric Q_c."""
+    from npt.layer import quadratic_forms
+
+    z = torch.randn(4, 5, r, dtype=torch.float64, requires_grad=True)
+    forms = torch.randn(r * r, n, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 5, n, dtype=torch.float64)
+    reference = torch.einsum("...i,ijc,...j->...c", z, forms.view(r, r, n), z)
+    grads_ref = torch.autograd.grad((reference * weights).sum(), (z, forms))
+    got = quadratic_forms(z, forms)
+    grads = torch.autograd.grad((got * weights).sum(), (z, forms))
+    torch.testing.assert_close(got, reference)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("free_running", [False, True])
 def test_a_step_under_bfloat16_autocast_trains_like_float32(free_running):
     """--mixed_precision bf16 on CPU: the step runs, its gradients stay float32 and point where

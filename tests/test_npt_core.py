@@ -40,12 +40,13 @@ def test_zero_adapter_output_is_attention_dropped():
 
 @pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 @pytest.mark.parametrize("mlp_bias", [False, True])
-def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
+@pytest.mark.parametrize("rank,num_ranks", [(3, 2), (12, 1)])  # the regulariser's two evaluations (n >= r, n < r)
+def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank, num_ranks):
     """Every modulated matrix materialised per token, which the layer never does: the output
     h + (W_d + dW_d) act((W_g + dW_g) x + b_g) * ((W_u + dW_u) x + b_u) + b_d, with the gains
     scaling W x and not the biases, and the regulariser the sum of ||dW||_F^2 over the matrices."""
     torch.manual_seed(1)
-    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=3, num_ranks=2, modulation_scale=0.7, modulate=modulate)
+    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=rank, num_ranks=num_ranks, modulation_scale=0.7, modulate=modulate)
     layer = npt.npt_layers[0]
     ad = layer.adapter
     with torch.no_grad():
@@ -59,10 +60,10 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias):
         z = ad.c_a * ad.A.weight @ attn[0, t]
 
         def delta(mod, weight, d_in, d_out):  # gamma W + s sum_j v_f[j] v_m[j]^T
-            v_m = (mod.c_m * mod.B_m.weight @ z).view(2, d_in)
-            v_f = (mod.c_f * mod.B_f.weight @ z).view(2, d_out)
-            gamma = mod.gain.bias + mod.gain.weight[0] @ z / 3**0.5 if mod.gain is not None else 0.0  # r = 3
-            return gamma * weight + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(2))
+            v_m = (mod.c_m * mod.B_m.weight @ z).view(num_ranks, d_in)
+            v_f = (mod.c_f * mod.B_f.weight @ z).view(num_ranks, d_out)
+            gamma = mod.gain.bias + mod.gain.weight[0] @ z / rank**0.5 if mod.gain is not None else 0.0
+            return gamma * weight + 0.7 * sum(torch.outer(v_f[j], v_m[j]) for j in range(num_ranks))
 
         zero = torch.zeros(())
         d_g = delta(ad, mlp.gate_proj.weight, 32, 64)
