@@ -171,7 +171,8 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
     return math.exp(total / count)
 
 
-def build_teacher(out_dir: Path, docs: list[str], recipe: TeacherRecipe = DEFAULT_RECIPE, progress: bool = True) -> dict:
+def build_teacher(out_dir: Path, docs: list[str], recipe: TeacherRecipe = DEFAULT_RECIPE, progress: bool = True,
+                  name: str = EMBEDDED_NAME) -> dict:
     """Train the tokenizer and the teacher and save both to `out_dir` (written atomically)."""
     start = time.time()
     train_docs = [d for d in docs if not is_heldout(d, recipe.eval_fraction)]
@@ -191,7 +192,7 @@ def build_teacher(out_dir: Path, docs: list[str], recipe: TeacherRecipe = DEFAUL
     )
     g = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    bar = tqdm(range(recipe.steps), desc="building the embedded teacher", disable=not progress, leave=False)
+    bar = tqdm(range(recipe.steps), desc=f"building the teacher {name}", disable=not progress, leave=False)
     for step in bar:
         warm = min(1.0, (step + 1) / recipe.warmup_steps)
         lr = recipe.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
@@ -236,7 +237,7 @@ def ensure_teacher(recipe: TeacherRecipe = DEFAULT_RECIPE, cache_dir: str | os.P
         if not (path / "build_info.json").is_file():
             if progress:
                 logger.info(f"Building the teacher {name} in {path} (once; a few minutes on CPU) ...")
-            info = build_teacher(path, docs, recipe, progress)
+            info = build_teacher(path, docs, recipe, progress, name)
             if progress:
                 logger.info(f"Teacher {name} built in {info['build_seconds']:.0f} s: held-out perplexity "
                             f"{info['heldout_perplexity']:.1f} on {info['heldout_tokens']} tokens.")
