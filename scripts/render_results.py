@@ -70,11 +70,23 @@ def _defaults(prov: dict) -> str:
     return f"defaults of {(prov.get('commit') or 'unknown')[:7]}"
 
 
+def _options(tokens: list[str]) -> list[str]:
+    """The tokens grouped as options, each flag with its values ('--adapter_rank 64')."""
+    out: list[str] = []
+    for tok in tokens:
+        if tok.startswith("--") or not out:
+            out.append(tok)
+        else:
+            out[-1] += " " + shlex.quote(tok)
+    return out
+
+
 def _labels(provenances: list[dict]) -> list[str]:
-    """Each command's own flags: the tokens that not every command shares (the defaults when none)."""
-    tokens = [_flags(p["command"]) for p in provenances]
-    common = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
-    return [" ".join(t for t in toks if t not in common) or _defaults(p) for toks, p in zip(tokens, provenances)]
+    """Each command's own options, flag and value together: those not every command shares (the
+    defaults when none)."""
+    options = [_options(_flags(p["command"])) for p in provenances]
+    common = set.intersection(*(set(o) for o in options)) if len(options) > 1 else set()
+    return [" ".join(o for o in opts if o not in common) or _defaults(p) for opts, p in zip(options, provenances)]
 
 
 def _sources(results: list[dict]) -> list[str]:

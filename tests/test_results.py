@@ -65,6 +65,16 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     assert len(render.stale()) == 1 and render.main(["--check"]) == 1
 
 
+def test_a_runs_label_keeps_each_flag_with_its_value():
+    """A value shared by another flag of every command ('64' of --max_length 64) stays with its
+    own flag: --adapter_rank 64 is not shown as a bare --adapter_rank."""
+    common = "npt-pretrain --model_name m --max_length 64 --max_steps 1000 --output_dir out"
+    labels = render._labels([{"command": common, "commit": "a" * 40},
+                             {"command": common + " --adapter_rank 64 --num_ranks 3", "commit": "a" * 40},
+                             {"command": common + " --text_column 'my text'", "commit": "a" * 40}])
+    assert labels == ["defaults of aaaaaaa", "--adapter_rank 64 --num_ranks 3", "--text_column 'my text'"]
+
+
 def test_a_curve_shows_the_training_time_of_each_evaluation_where_recorded(tmp_path):
     s = _summary(0.1, 100, "npt-pretrain --max_steps 100")
     (tmp_path / "old.json").write_text(json.dumps(s))
