@@ -60,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "adapter rank 32, k=8": ["--adapter_rank", "32", "--num_ranks", "8"],
     "adapter rank 32, k=6 (the default's cost)": ["--adapter_rank", "32", "--num_ranks", "6"],
     "adapter rank 64, k=3 (the default's cost)": ["--adapter_rank", "64", "--num_ranks", "3"],
+    "adapter rank 128, k=1": ["--adapter_rank", "128", "--num_ranks", "1"],
     "the gate alone at the same adapter size (k=32)": ["--modulate", "gate", "--num_ranks", "32"],
     "the gate alone, k=32, lr 2e-2 (the default until c8b61be)": [
         "--modulate", "gate", "--num_ranks", "32", "--learning_rate", "2e-2"],
