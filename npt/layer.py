@@ -243,7 +243,8 @@ class NPTAdapter(Modulation):
         return self if name == "gate" else getattr(self, name)
 
     def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
-        """z = c_a A a, in the adapter's own (fp32) dtype: what every output of the adapter reads."""
+        """z = c_a A a, from the attention output cast to the adapter's dtype (fp32; under autocast the
+        product is bf16): what every output of the adapter reads."""
         return self.c_a * self.A(attn.to(self.A.weight.dtype))
 
     def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

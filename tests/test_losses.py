@@ -497,6 +497,25 @@ def test_the_regularisers_quadratic_forms_and_their_gradients_are_exact(r, n):
         torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("rank,num_ranks", [(4, 3), (16, 1)])  # both evaluations of the quadratic forms
+def test_the_regulariser_under_bfloat16_autocast_is_float32_and_close(rank, num_ranks):
+    """Under CPU bf16 autocast (the adapter's matmuls, z among them, in bf16) the regulariser
+    stays within bf16's error of float32's, by either evaluation of its quadratic forms."""
+    from npt.layer import NPTAdapter
+
+    torch.manual_seed(0)
+    ad = NPTAdapter(32, 64, rank, num_ranks, 0.7, True, ("gate", "up", "down"))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.3)
+    attn = torch.randn(2, 5, 32)
+    weights = {"gate": (torch.randn(64, 32), None), "up": (torch.randn(64, 32), None)}
+    exact = ad.regularizer(attn, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ad.regularizer(attn, weights)
+    torch.testing.assert_close(low.float(), exact, rtol=3e-2, atol=0)
+
+
 @pytest.mark.parametrize("free_running", [False, True])
 def test_a_step_under_bfloat16_autocast_trains_like_float32(free_running):
     """--mixed_precision bf16 on CPU: the step runs, its gradients stay float32 and point where
