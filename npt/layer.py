@@ -101,24 +101,21 @@ class Modulation(nn.Module):
         self.register_buffer("c_m", torch.tensor(rank**-0.5))
         self.register_buffer("c_f", torch.tensor((num_ranks * rank) ** -0.5))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`modulate`, called as a module (a sharded modulation gathers its weights for it)."""
-        return self.modulate(x, z, out, weight, bias, regularizer)
+        return self.modulate(x, z, out, bias)
 
-    def modulate(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, regularizer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def modulate(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The modulated projection (1 + gamma) W x + b + s sum_j v_f[j] (v_m[j] . x), given `out` =
-        W x + b, and the per-token squared Frobenius norm of dW (None when not asked for; `weight`
-        = W is needed for it when there is a gain, `bias` = b to keep the gain off it), without
-        forming the matrix, nor even the vectors v_m, v_f per token:
+        W x + b (`bias` = b, to keep the gain off it), without forming the matrix, nor even the
+        vectors v_m, v_f per token:
 
             v_m[j] . x           = c_m (B_m[j]^T x) . z      one GEMM over all j
             sum_j coef_j v_f[j]  = c_f B_f (coef (x) z)       one GEMM, (x) the outer product
-            v[j] . v[l]          = z^T (B[j]^T B[l]) z        r x r Gram matrices of the weights
 
         so a modulation costs O(k r (d_in + d_out)) per token and stores no [tokens, k, d_out]
-        tensor. `terms()` gives v_m, v_f explicitly (same values)."""
+        tensor. `terms()` gives v_m, v_f explicitly (same values); the regulariser ||dW||_F^2 comes
+        from r x r Gram matrices of the weights (`frob2_forms`, `frob2_from`)."""
         gamma = self.gain_of(z)
         k, r, d, f = self.num_ranks, self.rank, self.d_in, self.d_out
         w_m = self.B_m.weight.view(k, d, r)
@@ -133,7 +130,7 @@ class Modulation(nn.Module):
             modulated = out * (1.0 + gamma.unsqueeze(-1)).to(out.dtype) + delta
         else:  # the gain scales W x, not the bias
             modulated = (out - bias) * (1.0 + gamma.unsqueeze(-1)).to(out.dtype) + bias + delta
-        return modulated, (self.frob2(z, gamma, weight) if regularizer else None)
+        return modulated
 
     def terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v_m [..., k, d_in] and v_f [..., k, d_out] for the bottleneck z."""
@@ -146,10 +143,6 @@ class Modulation(nn.Module):
         if self.gain is None:
             return None
         return self.gain(z * self.rank**-0.5).squeeze(-1)
-
-    def frob2(self, z: torch.Tensor, gamma: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The per-token ||dW||_F^2, exactly (the regulariser)."""
-        return self.frob2_from(quadratic_forms(z, self.frob2_forms(weight)), gamma, weight)
 
     def frob2_forms(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """[r^2, n]: the per-token ||dW||_F^2 is a function of n quadratic forms z^T Q z, one
@@ -270,15 +263,15 @@ class NPTAdapter(Modulation):
         per-token regulariser of these (None when not asked for). `weights`: {"gate": (W_g, b_g),
         "up": (W_u, b_u)}."""
         z = self.bottleneck(attn)
-        gate, _ = self.modulate(x, z, gate, *weights["gate"], regularizer=False)
+        gate = self.modulate(x, z, gate, weights["gate"][1])
         if self.up is not None:
-            up, _ = self.up.modulate(x, z, up, *weights["up"], regularizer=False)
+            up = self.up.modulate(x, z, up, weights["up"][1])
         return gate, up, z, (self.frob2_all(z, weights) if regularizer else None)
 
     def modulate_down(self, y: torch.Tensor, z: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """W_d y + b_d (`down`) with the down modulation added (its regulariser is in
         `modulate_inputs`': it depends on z alone)."""
-        return self.down.modulate(y, z, down, regularizer=False)[0]
+        return self.down.modulate(y, z, down)
 
     def regularizer(self, attn: torch.Tensor, weights: dict) -> torch.Tensor:
         """The per-token regulariser alone, sum over the modulated matrices of ||dW||_F^2 (it
