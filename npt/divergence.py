@@ -26,12 +26,7 @@ A good evaluation becomes the reference and the rollback target, and clears the 
 
 The logged training losses diverge when loss/mse is not finite, or, while teacher-forced (where
 it measures each layer on the teacher's input), when the monitor sees it explode or it exceeds
-twice its value before training in `patience` logged intervals in a row. One such interval can
-be one batch's outlier tokens, not weights gone bad (the delta is quadratic in z, so a token with
-an unusual attention output can spike one layer's MSE tenfold for one interval, and the next is
-back where it was: CHANGELOG.md); rolling back on it throws away every step since the last good
-evaluation and slows the rest of the run. Weights that diverged stay diverged for the next
-interval too, and a non-finite loss still rolls back at once. Running freely, loss/mse adds up the errors of all layers below
+twice its value before training. Running freely, loss/mse adds up the errors of all layers below
 and swings by 10x on a deep model while the KL falls, so there it is the training KL
 (loss/logit_kl, when free-running steps train it) that is judged, between evaluations: an
 interval mean `blowup` times the KL the phase started from diverges. That reference is the
@@ -69,7 +64,6 @@ class DivergencePolicy:
         self.reference: dict[str, dict] = {}  # phase -> its last good evaluation
         self.last_good: dict | None = None  # the last good evaluation of any phase
         self.strikes = 0
-        self.log_strikes = 0  # teacher-forced logged intervals in a row over the limits
         self.first_kl: dict[str, dict] = {}  # phase -> its first step's training KL (since it began or the last rollback)
 
     @staticmethod
@@ -122,22 +116,14 @@ class DivergencePolicy:
         if not math.isfinite(mse):
             return Verdict(f"loss/mse is {mse}")
         if free_running:
-            self.log_strikes = 0
             return self._judge_training_kl(scalars.get("loss/logit_kl"), step, self.phase(True, stage))
-        why = None
         if any(s.key == "mse_exploding" for s in signs):
-            why = "the monitor saw loss/mse explode"
-        elif self.start is not None:
+            return Verdict("the monitor saw loss/mse explode")
+        if self.start is not None:
             before = sum(r * r for r in self.start["rel_error"]) / len(self.start["rel_error"])
             if mse > 2 * before:
-                why = f"loss/mse {mse:.4g} is above twice its value before training ({before:.4g})"
-        if why is None:
-            self.log_strikes = 0
-            return Verdict()
-        self.log_strikes += 1
-        if self.log_strikes < self.patience:
-            return Verdict()
-        return Verdict(why if self.patience == 1 else f"{why}, {self.log_strikes} logged intervals in a row")
+                return Verdict(f"loss/mse {mse:.4g} is above twice its value before training ({before:.4g})")
+        return Verdict()
 
     def observe_bad_steps(self, consecutive: int) -> Verdict:
         if consecutive >= ROLLBACK_AFTER_BAD_STEPS:
@@ -147,7 +133,6 @@ class DivergencePolicy:
     def rolled_back(self) -> None:
         """The loop went back to the last good state: judge afresh from there."""
         self.strikes = 0
-        self.log_strikes = 0
         self.first_kl = {}
 
     # ---- internals ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class RunArguments:
     max_bad_steps: int = HfArg(default=10, help="Stop after this many consecutive non-finite steps (rollbacks are tried first).")
     max_rollbacks: int = HfArg(default=3, help="Roll back to the last good state at most this many times when training diverges (0: never).")
     rollback_lr_factor: float = HfArg(default=0.3, help="Each rollback multiplies the learning rate by this factor.")
-    divergence_patience: int = HfArg(default=2, help="Evaluations in a row worse than the last good one (by its phase's measure), or teacher-forced logged intervals in a row over the loss limits, before a rollback; one far worse or non-finite rolls back at once.")
+    divergence_patience: int = HfArg(default=2, help="Evaluations in a row worse than the last good one (by its phase's measure) before a rollback; one far worse or non-finite rolls back at once.")
     seed: int = HfArg(default=0, help="Random seed (adapter init, data order, gradient-penalty draws).")
     device: Literal["auto", "cpu", "cuda"] = HfArg(default="auto", help="auto (CUDA when present), cpu or cuda.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = HfArg(

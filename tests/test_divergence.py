@@ -75,22 +75,8 @@ def test_logged_losses_judge_only_teacher_forced_steps_except_non_finite():
     policy.observe_eval(rec(0, 6.9, 0.5), free_running=False)  # loss/mse before training: mean(0.5^2) = 0.25
     explode = [Sign("mse_exploding", 10, "x")]
     assert policy.observe_log({"loss/mse": 0.49}, [], free_running=False).diverged is None
-    # one interval over the limit is a strike (one batch's outliers); `patience` (2) in a row diverge
-    assert policy.observe_log({"loss/mse": 0.51}, [], free_running=False).diverged is None
-    both = policy.observe_log({"loss/mse": 0.52}, [], free_running=False).diverged
-    assert both == "loss/mse 0.52 is above twice its value before training (0.25), 2 logged intervals in a row"
-    policy.rolled_back()
-    assert policy.observe_log({"loss/mse": 0.2}, explode, free_running=False).diverged is None
-    assert policy.observe_log({"loss/mse": 0.2}, explode, free_running=False).diverged == "the monitor saw loss/mse explode, 2 logged intervals in a row"
-    # a spike that the next interval does not repeat clears the strike (SmolLM2 at r 64: 0.107 -> 0.303 -> 0.102)
-    spiky = DivergencePolicy()
-    spiky.observe_eval(rec(0, 6.9, 0.5), free_running=False)
-    for mse in (0.2, 0.9, 0.2, 0.9, 0.2, 0.9):
-        assert spiky.observe_log({"loss/mse": mse}, [], free_running=False).diverged is None
-    assert spiky.observe_log({"loss/mse": math.nan}, [], free_running=False).diverged == "loss/mse is nan"  # at once
-    strict = DivergencePolicy(patience=1)
-    strict.observe_eval(rec(0, 6.9, 0.5), free_running=False)
-    assert strict.observe_log({"loss/mse": 0.51}, [], free_running=False).diverged == "loss/mse 0.51 is above twice its value before training (0.25)"
+    assert "twice its value before training (0.25)" in policy.observe_log({"loss/mse": 0.51}, [], free_running=False).diverged
+    assert policy.observe_log({"loss/mse": 0.2}, explode, free_running=False).diverged == "the monitor saw loss/mse explode"
     # running freely, loss/mse adds up every layer's error: only a non-finite value counts
     assert policy.observe_log({"loss/mse": 1800.0}, explode, free_running=True).diverged is None
     assert policy.observe_log({"loss/mse": math.inf}, [], free_running=True).diverged == "loss/mse is inf"
