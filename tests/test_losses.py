@@ -498,7 +498,7 @@ def test_the_regularisers_quadratic_forms_and_their_gradients_are_exact(r, n):
 
 
 @pytest.mark.parametrize("rank,num_ranks", [(4, 3), (16, 1)])  # both evaluations of the quadratic forms
-def test_the_regulariser_under_bfloat16_autocast_is_float32_and_close(rank, num_ranks):
+def test_the_regulariser_under_bfloat16_autocast_is_close_to_float32s(rank, num_ranks):
     """Under CPU bf16 autocast (the adapter's matmuls, z among them, in bf16) the regulariser
     stays within bf16's error of float32's, by either evaluation of its quadratic forms."""
     from npt.layer import NPTAdapter
