@@ -33,8 +33,8 @@ from .verify import prove_conversion, record_teacher
 @dataclasses.dataclass
 class AdapterArguments:
     npt_layers: str = HfArg(default="all", help="Layers to convert: all, upper_half, lower_half, or indices/ranges such as '0,2,5-7'.")
-    adapter_rank: int = HfArg(default=16, help="Adapter bottleneck rank r (A: d_model -> r).")
-    num_ranks: int = HfArg(default=11, help="Number k of rank-1 modulations per token of each modulated projection (the guide: 1, of the gate alone; 11 of gate, up and down is the default recipe, the adapter size of the gate alone at k = 32, chosen by measurement: CHANGELOG.md).")
+    adapter_rank: int = HfArg(default=32, help="Adapter bottleneck rank r (A: d_model -> r; 32 by default, chosen by measurement with --num_ranks 6: CHANGELOG.md).")
+    num_ranks: int = HfArg(default=6, help="Number k of rank-1 modulations per token of each modulated projection (the guide: 1, of the gate alone; the default recipe: 6 of gate, up and down from a bottleneck of r = 32, chosen by measurement over the zoo and SmolLM2: CHANGELOG.md).")
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate,up,down", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple, the default recipe: CHANGELOG.md); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")

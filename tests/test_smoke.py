@@ -23,7 +23,7 @@ def test_train_resume_evaluate_generate_inject_in_seconds(micro_teacher, tmp_pat
     assert summary["steps"] == 6 and [h["step"] for h in summary["eval_history"]] == [0, 1, 2, 4, 6]  # 1: where teacher forcing ends
     times = [h["train_seconds"] for h in summary["eval_history"]]
     assert times[0] == 0 and all(a < b for a, b in zip(times, times[1:])) and times[-1] == pytest.approx(summary["train_seconds"], abs=0.1)
-    assert summary["adapter"] == {"modulate": "gate,up,down", "num_ranks": 11, "rank": 16}  # the default's shape, for the docs' cost figures
+    assert summary["adapter"] == {"modulate": "gate,up,down", "num_ranks": 6, "rank": 32}  # the default's shape, for the docs' cost figures
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoints" / "step-00000006").is_dir()
     assert "another training recipe" not in (out / "train.log").read_text()  # a longer run is the same recipe
     # resumed with another learning rate: it continues with it, and says so before any step
