@@ -56,17 +56,18 @@ VARIANTS: dict[str, list[str]] = {
     "free-running throughout": ["--free_running_steps", "1.0"],
     "cosine learning-rate schedule (the default until 2026-12-01)": ["--lr_scheduler", "cosine"],
     "reverse KL, half of the logit KL": ["--reverse_kl_share", "0.5"],
-    "adapter rank 32": ["--adapter_rank", "32"],
-    "adapter rank 32, k=8": ["--adapter_rank", "32", "--num_ranks", "8"],
-    "adapter rank 32, k=6 (the default's cost)": ["--adapter_rank", "32", "--num_ranks", "6"],
-    "adapter rank 64, k=3 (the default's cost)": ["--adapter_rank", "64", "--num_ranks", "3"],
-    "adapter rank 128, k=1": ["--adapter_rank", "128", "--num_ranks", "1"],
-    "the gate alone at the same adapter size (k=32)": ["--modulate", "gate", "--num_ranks", "32"],
-    "the gate alone, k=32, lr 2e-2 (the default until c8b61be)": [
-        "--modulate", "gate", "--num_ranks", "32", "--learning_rate", "2e-2"],
-    "dual modulation at the default's adapter size (k=16)": ["--modulate", "gate,up", "--num_ranks", "16"],
-    "k=4": ["--num_ranks", "4"],
-    "k=8": ["--num_ranks", "8"],
+    # Capacity variants name their whole shape (r and k), so that a change of default cannot make
+    # one of them the default under another name.
+    "r 16, k 11 (the default until 2026-12-07)": ["--adapter_rank", "16", "--num_ranks", "11"],
+    "r 32, k 11": ["--adapter_rank", "32", "--num_ranks", "11"],
+    "r 64, k 3 (about the default's cost)": ["--adapter_rank", "64", "--num_ranks", "3"],
+    "r 128, k 1": ["--adapter_rank", "128", "--num_ranks", "1"],
+    "the gate alone at the default's adapter size (r 32, k 18)": ["--modulate", "gate", "--num_ranks", "18"],
+    "the gate alone, r 16, k 32, lr 2e-2 (the default until c8b61be)": [
+        "--modulate", "gate", "--adapter_rank", "16", "--num_ranks", "32", "--learning_rate", "2e-2"],
+    "dual modulation at the default's adapter size (r 32, k 9)": ["--modulate", "gate,up", "--num_ranks", "9"],
+    "k 4": ["--num_ranks", "4"],
+    "k 8": ["--num_ranks", "8"],
 }
 QUICK = ["mse (baseline loss)", "improved_npt (default)", "improved_npt + adaptive weights", "focal_mse", "smooth_l1_mse",
          "guide's setting: k=1, teacher forcing only"]
