@@ -66,8 +66,8 @@ VARIANTS: dict[str, list[str]] = {
     "the gate alone, r 16, k 32, lr 2e-2 (the default until c8b61be)": [
         "--modulate", "gate", "--adapter_rank", "16", "--num_ranks", "32", "--learning_rate", "2e-2"],
     "dual modulation at the default's adapter size (r 32, k 9)": ["--modulate", "gate,up", "--num_ranks", "9"],
-    "k 4": ["--num_ranks", "4"],
-    "k 8": ["--num_ranks", "8"],
+    "r 32, k 4": ["--adapter_rank", "32", "--num_ranks", "4"],
+    "r 32, k 8": ["--adapter_rank", "32", "--num_ranks", "8"],
 }
 QUICK = ["mse (baseline loss)", "improved_npt (default)", "improved_npt + adaptive weights", "focal_mse", "smooth_l1_mse",
          "guide's setting: k=1, teacher forcing only"]
