@@ -550,7 +550,7 @@ def save(run: Run) -> Path:
     return path
 
 
-def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
+def finish(run: Run, tracker: Tracker, wall_start: float, first_step: int) -> dict:
     """Final evaluation and checkpoint; the best adapters into adapter/; the summary (printed and saved)."""
     acc, p, out = run.accelerator, run.progress, run.out
     result, record = validate(run, tracker)
@@ -566,7 +566,8 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
         "steps": p.step,
         "tokens_seen": p.tokens_seen,
         "train_seconds": round(p.train_seconds, 1),
-        "runtime_seconds": round(time.perf_counter() - wall_start, 1),
+        "runtime_seconds": round(time.perf_counter() - wall_start, 1),  # this process's; train_seconds counts every resumed segment
+        "runtime_since_step": first_step,
         "skipped_steps": p.skipped_steps,
         "checkpoint": str(final_ckpt),
         "adapter_dir": str(out / "adapter"),
@@ -598,7 +599,8 @@ def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
                          f"the lowest held-out KL seen; the last step's are in {final_ckpt}.")
         lines += ["", "The guide's healthy-training signs:", *("  " + line for line in summary["healthy_signs"])]
         lines.append(f"\nTrained {p.step} steps, {p.tokens_seen:,} tokens in {p.train_seconds:.0f} s of training "
-                     f"({summary['runtime_seconds']:.0f} s in all){f', {len(p.rollbacks)} rollback(s)' if p.rollbacks else ''}.")
+                     f"({summary['runtime_seconds']:.0f} s in all{f' since resuming at step {first_step}' if first_step else ''})"
+                     f"{f', {len(p.rollbacks)} rollback(s)' if p.rollbacks else ''}.")
         lines.append(f"Adapters: {out / 'adapter'}   Curves: tensorboard --logdir {out / 'tensorboard'}")
         run.log("\n".join(lines), extra={"plain": True})  # the final table, without the line prefix
     tracker.close()
@@ -613,5 +615,6 @@ def train(cfg: Config) -> dict:
     # from the first file written on, SIGINT/SIGTERM end the run with a checkpoint at the next step
     with GracefulStop() as stopper:
         tracker = start(run)
+        first_step = run.progress.step  # > 0 when resumed
         fit(run, tracker, stopper)
-        return finish(run, tracker, wall_start)
+        return finish(run, tracker, wall_start, first_step)

@@ -59,6 +59,8 @@ def test_a_table_is_rendered_from_the_numbers_and_a_hand_edit_is_caught(tmp_path
     # the flags that tell the runs apart; KL +- 1.96 standard errors; the figures as measured
     assert rows[0].startswith("| `defaults of aaaaaaa` | 100 | 25,600 | 0.500 -> **0.1234 +- 0.0196** | 87.5% | 3.2 / 32 | 1.042 | 123 | 0 |")
     assert rows[1].startswith("| `--num_ranks 8` | 100 | 25,600 | 0.500 -> **0.0567 +- 0.0196** (step 50) |")  # bookkeeping flags left out
+    # the flags every run had are named once, so the row labelled with the defaults does not hide them
+    assert "Every run above also had `--max_steps 100`; a label names the flags it had besides." in text
     assert "`npt-pretrain --max_steps 100 --num_ranks 8`, commit aaaaaaa, 2026-12-02, 2 CPU cores, 1 thread(s), float32 weights, bf16 autocast" in text
     assert text.startswith("intro\n") and text.endswith("<!-- /results -->\nend\n")
     doc.write_text(text.replace("0.0567", "0.0500"))

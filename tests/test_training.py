@@ -111,7 +111,7 @@ def test_progressive_stages_convert_bottom_up_and_train_only_the_converted_layer
     assert summary["eval"]["kl"] < summary["eval_before"]["kl"]
 
 
-def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir):
+def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir, capsys):
     full = tmp_path / "full"
     common = ("--max_steps", "24", "--save_steps", "12", "--logging_steps", "2", "--eval_steps", "0", "--num_samples", "0",
               "--use_adaptive_weights", "--use_gradient_penalty", "--warmup_steps", "16", "--learning_rate", "5e-3")
@@ -120,7 +120,14 @@ def test_resume_continues_like_an_unstopped_run(tmp_path, trained_teacher_dir):
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000012", part / "checkpoints" / "step-00000012")
+    saved = torch.load(part / "checkpoints" / "step-00000012" / "training_state.pt", weights_only=False)["progress"]["train_seconds"]
+    capsys.readouterr()
     assert main(base_args(trained_teacher_dir, part, *common, "--resume_from_checkpoint", "latest")) == 0
+    # the wall time is this process's (from step 12), and says so; the training time adds every segment's
+    assert "s in all since resuming at step 12)" in capsys.readouterr().out
+    runs = {d: json.loads((d / "summary.json").read_text()) for d in (full, part)}
+    assert (runs[full]["runtime_since_step"], runs[part]["runtime_since_step"]) == (0, 12)
+    assert saved > 0 and runs[part]["train_seconds"] > saved
     a, b = read_scalars(full), read_scalars(part)
     assert min(b["training/learning_rate"]) == 13  # continued at the right step: 13, the first free-running one, is logged on its own
     for tag in ("training/learning_rate", "training/curriculum_factor", "training/temperature", "loss/total", "loss/grad_penalty"):
