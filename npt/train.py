@@ -104,6 +104,7 @@ class Run:
     provenance: dict = dataclasses.field(default_factory=dict)  # the command, commit, date and machine, taken when the run starts
     last_good: dict | None = None  # in memory: the state of the last good evaluation (rollback target)
     recipe_changes: dict = dataclasses.field(default_factory=dict)  # resumed: {flag: (the checkpoint's value, this run's)}
+    resumed_at: int = 0  # the step this process started from (0: a fresh run)
 
     @property
     def layers(self) -> list[int]:
@@ -237,6 +238,7 @@ def setup(cfg: Config) -> Run:
               provenance=provenance(str(accelerator.device), f"{dtype_name(next(model.parameters()).dtype)} weights, {accelerator.mixed_precision} autocast"))
     if saved is not None:
         apply_state(run, saved)
+        run.resumed_at = run.progress.step
         if "config" in saved:  # (every checkpoint this code writes)
             run.recipe_changes = changed_recipe(saved["config"], cfg.to_flat())
         run.last_good = collect_state(run, with_data=False)
@@ -550,7 +552,7 @@ def save(run: Run) -> Path:
     return path
 
 
-def finish(run: Run, tracker: Tracker, wall_start: float, first_step: int) -> dict:
+def finish(run: Run, tracker: Tracker, wall_start: float) -> dict:
     """Final evaluation and checkpoint; the best adapters into adapter/; the summary (printed and saved)."""
     acc, p, out = run.accelerator, run.progress, run.out
     result, record = validate(run, tracker)
@@ -567,7 +569,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float, first_step: int) -> di
         "tokens_seen": p.tokens_seen,
         "train_seconds": round(p.train_seconds, 1),
         "runtime_seconds": round(time.perf_counter() - wall_start, 1),  # this process's; train_seconds counts every resumed segment
-        "runtime_since_step": first_step,
+        "runtime_since_step": run.resumed_at,
         "skipped_steps": p.skipped_steps,
         "checkpoint": str(final_ckpt),
         "adapter_dir": str(out / "adapter"),
@@ -599,7 +601,7 @@ def finish(run: Run, tracker: Tracker, wall_start: float, first_step: int) -> di
                          f"the lowest held-out KL seen; the last step's are in {final_ckpt}.")
         lines += ["", "The guide's healthy-training signs:", *("  " + line for line in summary["healthy_signs"])]
         lines.append(f"\nTrained {p.step} steps, {p.tokens_seen:,} tokens in {p.train_seconds:.0f} s of training "
-                     f"({summary['runtime_seconds']:.0f} s in all{f' since resuming at step {first_step}' if first_step else ''})"
+                     f"({summary['runtime_seconds']:.0f} s in all{f' since resuming at step {run.resumed_at}' if run.resumed_at else ''})"
                      f"{f', {len(p.rollbacks)} rollback(s)' if p.rollbacks else ''}.")
         lines.append(f"Adapters: {out / 'adapter'}   Curves: tensorboard --logdir {out / 'tensorboard'}")
         run.log("\n".join(lines), extra={"plain": True})  # the final table, without the line prefix
@@ -615,6 +617,5 @@ def train(cfg: Config) -> dict:
     # from the first file written on, SIGINT/SIGTERM end the run with a checkpoint at the next step
     with GracefulStop() as stopper:
         tracker = start(run)
-        first_step = run.progress.step  # > 0 when resumed
         fit(run, tracker, stopper)
-        return finish(run, tracker, wall_start, first_step)
+        return finish(run, tracker, wall_start)
