@@ -85,14 +85,14 @@ def _labels(provenances: list[dict]) -> list[str]:
     """Each command's own options, flag and value together: those not every command shares (the
     defaults when none)."""
     options = [_options(_flags(p["command"])) for p in provenances]
-    common = set(_shared(provenances))
+    common = set(_shared(options))
     return [" ".join(o for o in opts if o not in common) or _defaults(p) for opts, p in zip(options, provenances)]
 
 
-def _shared(provenances: list[dict]) -> list[str]:
-    """The options every command of a table has, in the first command's order: the labels leave them
-    out, so the table must name them (a row labelled with the defaults ran with these too)."""
-    options = [_options(_flags(p["command"])) for p in provenances]
+def _shared(options: list[list[str]]) -> list[str]:
+    """The options every command of a table has (`options`: each command's), in the first command's
+    order: the labels leave them out, so the table must name them (a row labelled with the defaults
+    ran with these too)."""
     if len(options) < 2:
         return []
     return [o for o in options[0] if all(o in opts for opts in options[1:])]
@@ -122,7 +122,7 @@ def runs(paths: list[str]) -> str:
         b, e = s["eval_before"], s["eval"]
         lines.append(f"| `{label}` | {s['steps']} | {s['tokens_seen']:,} | {b['kl']:.3f} -> {_kept(s)} | {e['top1_agreement']:.1%} | {_greedy(e)} "
                      f"| {e['ppl_ratio']:.3f} | {s['train_seconds']:.0f} | {len(s['rollbacks'])} |")
-    shared = _shared([r["provenance"] for r in results])
+    shared = _shared([_options(_flags(r["provenance"]["command"])) for r in results])
     every = [f"Every run above also had `{' '.join(shared)}`; a label names the flags it had besides.", ""] if shared else []
     return "\n".join(lines + ["", *every, "Kept: the evaluation with the lowest held-out KL (the adapters a run saves). From:", *_sources(results)])
 
