@@ -23,6 +23,7 @@ SCALAR_TAGS = {
     "weight_balance": "loss/weight_balance",
     "logit_kl": "loss/logit_kl",
     "weight_temperature": "training/layer_weight_temperature",
+    "update_clipped": "training/update_clipped",
 }
 LAYER_TAGS = {
     "layer_loss": "layers/loss",

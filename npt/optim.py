@@ -44,6 +44,7 @@ class OptimArguments:
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
     adam_beta2: float = HfArg(default=0.999, help="AdamW beta2.")
     adam_eps: float = HfArg(default=1e-8, aliases=["--adam_epsilon"], help="AdamW eps.")
+    update_clipping: float = HfArg(default=0.0, help="AdamW with update clipping (StableAdamW): each tensor's step is divided by max(1, RMS(g / sqrt(v)) / this), v the second moment with this step's gradient in it, so that a gradient far above its running scale (a single batch's spike, the switch to free-running) moves the tensor by no more than about the learning rate. 1 is the published value; 0 disables (plain AdamW).")
     max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping norm (0 disables).")
     warmup_steps: str = HfArg(default="0.1", help="Learning-rate warm-up (and default curriculum length): a count, or a fraction of max_steps such as 0.1.")
     lr_scheduler: Literal["cosine", "linear", "constant", "wsd"] = HfArg(default="wsd", aliases=["--lr_scheduler_type"], help="Decay after warm-up; wsd: the peak until the last --lr_decay_steps, then linear decay.")
@@ -69,6 +70,8 @@ class OptimArguments:
             raise NPTError(f"--adaptive_weights_lr {self.adaptive_weights_lr} must be positive.", "Pass e.g. 0.01.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise NPTError(f"--min_lr_ratio {self.min_lr_ratio} is outside [0, 1].", "Pass e.g. 0.1.")
+        if not (self.update_clipping >= 0 and math.isfinite(self.update_clipping)):
+            raise NPTError(f"--update_clipping {self.update_clipping} is not a number >= 0.", "Pass 1 for the published threshold, or 0 for plain AdamW.")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
             raise NPTError("AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
         _ = self.warmup, self.decay  # parse errors surface here
@@ -101,7 +104,70 @@ def build_optimizer(args: OptimArguments, adapters: list[nn.Parameter], loss_mod
     extra = [p for p in loss_module.parameters()] if loss_module is not None else []
     if extra:
         groups.append({"params": extra, "lr": args.adaptive_weights_lr, "weight_decay": 0.0, "base_lr": args.adaptive_weights_lr})
+    if args.update_clipping:
+        return ClippedAdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, threshold=args.update_clipping)
     return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+class ClippedAdamW(torch.optim.Optimizer):
+    """AdamW whose step of each tensor is scaled down where its gradient is far above the tensor's
+    running scale (update clipping, as in Adafactor and StableAdamW, Wortsman et al. 2023):
+
+        m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   m^ = m / (1 - b1^t),   v^ = v / (1 - b2^t)
+        rms = sqrt(mean(g^2 / max(v^, eps^2)))          (per tensor; v^ already holds this g)
+        p <- p - lr / max(1, rms / threshold) * (m^ / (sqrt(v^) + eps) + weight_decay p)
+
+    With rms <= threshold this is torch's AdamW step exactly. AdamW's step per element can reach
+    (1 - b1) / sqrt(1 - b2) times the rate (3.2x at b2 0.999) when a gradient jumps above the
+    scale v remembers; clipping bounds that without shortening v's memory, as a lower b2 would.
+    The state keeps AdamW's names (step, exp_avg, exp_avg_sq), so `reset_moments` applies. Under
+    FSDP a tensor is its local shard. `clipped` counts the tensors clipped since it was last read
+    (a tensor, so that no step waits on the device)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, threshold: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold))
+        self.clipped = torch.zeros(())
+        self.updates = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                v_hat = v / (1 - b2 ** t)
+                rms = (g.square() / v_hat.clamp_min(group["eps"] ** 2)).mean().sqrt()
+                ratio = (rms / group["threshold"]).clamp_min(1.0)
+                self.clipped = self.clipped.to(ratio.device) + (ratio > 1).float()
+                self.updates += 1
+                update = (m / (1 - b1 ** t)).div_(v_hat.sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                p.sub_((update * (group["lr"] / ratio)).to(p.dtype))
+        return loss
+
+    def pop_clipped_fraction(self) -> torch.Tensor:
+        """The fraction of tensor updates clipped since the last call (0 before any)."""
+        fraction = self.clipped / max(self.updates, 1)
+        self.clipped, self.updates = torch.zeros((), device=fraction.device), 0
+        return fraction
 
 
 def reset_moments(optimizer: torch.optim.Optimizer) -> None:

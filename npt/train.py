@@ -294,6 +294,8 @@ def banner(run: Run) -> None:
     if cfg.free_running and cfg.loss.progressive_stages > 1:
         phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
                    f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")
+    if cfg.optim.update_clipping:
+        phases += f"; AdamW's updates clipped at RMS {cfg.optim.update_clipping:g}"
     base_dtype = dtype_name(next(npt.model.parameters()).dtype)
     lines = [
         f"output      {run.out}   (curves: tensorboard --logdir {run.out / 'tensorboard'})",
@@ -374,6 +376,8 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             p.tokens_seen += tokens_per_step
             step_metrics = window_metrics.means()
             step_metrics["grad_norm"] = grad_norm.detach().float()
+            if cfg.optim.update_clipping:
+                step_metrics["update_clipped"] = getattr(run.optimizer, "optimizer", run.optimizer).pop_clipped_fraction()
             means.add(step_metrics)
             bar.update(1)
         elif math.isfinite(loss_value) and acc.mixed_precision == "fp16":

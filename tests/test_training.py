@@ -295,3 +295,16 @@ def test_compiled_training_matches_eager(tmp_path, trained_teacher_dir):
         assert diff.norm() <= 1e-3 * a[k].norm(), (k, diff.norm(), a[k].norm())
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["eval"]["kl"] == pytest.approx(json.loads((tmp_path / "eager" / "summary.json").read_text())["eval"]["kl"], rel=1e-3)
+
+
+def test_update_clipping_trains_and_logs_the_clipped_fraction(tmp_path, trained_teacher_dir):
+    out = tmp_path / "run"
+    assert main(base_args(trained_teacher_dir, out, "--max_steps", "12", "--logging_steps", "2", "--eval_steps", "0",
+                          "--update_clipping", "1")) == 0
+    clipped = read_scalars(out)["training/update_clipped"]
+    assert sorted(clipped) == [2, 3, 4, 6, 8, 10, 12]  # every logged step; 3 starts free-running
+    assert all(0.0 <= v <= 1.0 for v in clipped.values())
+    assert max(clipped.values()) > 0  # the switch's larger gradients are clipped
+    assert "AdamW's updates clipped at RMS 1" in (out / "train.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["kl"] < summary["eval_before"]["kl"]
