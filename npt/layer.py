@@ -224,21 +224,24 @@ class NPTAdapter(Modulation):
     """
 
     def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float, gate_gain: bool = False,
-                 modulate: tuple[str, ...] | str = ("gate",)):
+                 modulate: tuple[str, ...] | str = ("gate",), bottleneck_bias: bool = False):
         super().__init__(d_model, d_ffn, rank, num_ranks, scale, gate_gain, attn_dim=d_model)
         self.d_model, self.d_ffn = d_model, d_ffn
         self.modulated = parse_modulate(modulate)
         self.up = Modulation(d_model, d_ffn, rank, num_ranks, scale, gate_gain) if "up" in self.modulated else None
         self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale) if "down" in self.modulated else None
+        # e in z = c_a A a + e, at unit scale like z; zero: a fresh adapter's z is what it was without
+        self.z_bias = nn.Parameter(torch.zeros(rank)) if bottleneck_bias else None
 
     def modulation(self, name: str) -> Modulation:
         """The modulation of projection `name` (gate: this module's own)."""
         return self if name == "gate" else getattr(self, name)
 
     def bottleneck(self, attn: torch.Tensor) -> torch.Tensor:
-        """z = c_a A a, from the attention output cast to the adapter's dtype (fp32; under autocast the
-        product is bf16): what every output of the adapter reads."""
-        return self.c_a * self.A(attn.to(self.A.weight.dtype))
+        """z = c_a A a (+ e with a bottleneck bias), from the attention output cast to the adapter's
+        dtype (fp32; under autocast the product is bf16): what every output of the adapter reads."""
+        z = self.c_a * self.A(attn.to(self.A.weight.dtype))
+        return z if self.z_bias is None else z + self.z_bias.to(z.dtype)
 
     def vectors(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's v_m [..., k, d_model] and v_f [..., k, d_ffn], in the adapter's own (fp32) dtype."""

@@ -38,6 +38,7 @@ class AdapterArguments:
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate,up,down", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple, the default recipe: CHANGELOG.md); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
+    bottleneck_bias: bool = HfArg(default=False, help="A trained offset e in the bottleneck, z = c_a A a + e (r weights per layer). Without it every rank-1 term is quadratic in the attention output, so the modulation is the same for a and -a; with it the terms also hold parts linear in a, as the teacher's response to its attention is to first order.")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):
@@ -73,6 +74,7 @@ class NPTModel(nn.Module):
         base_model_name_or_path: str | None = None,
         gate_gain: bool = AdapterArguments.gate_gain,
         modulate: str | list[str] | tuple[str, ...] = AdapterArguments.modulate,
+        bottleneck_bias: bool = AdapterArguments.bottleneck_bias,
     ) -> "NPTModel":
         """Wrap the selected layers of `model` (in place) and freeze every base weight."""
         hf_config = model.config
@@ -92,7 +94,7 @@ class NPTModel(nn.Module):
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
         wrapped = {
-            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated).to(device=base_param.device, dtype=torch.float32),
+            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated, bottleneck_bias).to(device=base_param.device, dtype=torch.float32),
                                i, wirings[i])
             for i in indices
         }
@@ -117,6 +119,7 @@ class NPTModel(nn.Module):
             modulation_scale=float(modulation_scale),
             gate_gain=bool(gate_gain),
             modulate=list(modulated),
+            bottleneck_bias=bool(bottleneck_bias),
             dtype=dtype_name(base_param.dtype),
             model_type=getattr(hf_config, "model_type", ""),
             hidden_size=d_model,
@@ -166,6 +169,7 @@ class NPTModel(nn.Module):
             base_model_name_or_path=config.base_model_name_or_path,
             gate_gain=config.gate_gain,
             modulate=config.modulate,
+            bottleneck_bias=config.bottleneck_bias,
         )
         npt.load_adapter_state_dict(load_adapter_weights(adapter_dir))
         return npt
@@ -207,7 +211,7 @@ class NPTModel(nn.Module):
             raise NPTError(
                 f"Adapter weights do not fit this NPT model (missing {missing[:4]}, unexpected {unexpected[:4]}, "
                 f"wrong shape {wrong[:4]}).",
-                "Load adapters saved for the same base model, layers, rank, number of rank-1 terms, --gate_gain and --modulate.",
+                "Load adapters saved for the same base model, layers, rank, number of rank-1 terms, --gate_gain, --modulate and --bottleneck_bias.",
             )
         for i, layer in self.npt_layers.items():
             for name, param in layer.adapter.state_dict().items():

@@ -47,6 +47,7 @@ class NPTConfig:
     modulation_scale: float = 1.0
     gate_gain: bool = False  # files written before the gain existed have none
     modulate: list[str] = dataclasses.field(default_factory=lambda: ["gate"])  # files written before the variants modulated the gate only
+    bottleneck_bias: bool = False  # files written before it existed have none
     dtype: str = "float32"
     model_type: str = ""
     hidden_size: int = 0
@@ -69,6 +70,7 @@ class NPTConfig:
             "num_ranks": self.num_ranks,
             "gate_gain": self.gate_gain,
             "modulate": list(self.modulate),
+            "bottleneck_bias": self.bottleneck_bias,
         }
 
 
