@@ -40,13 +40,14 @@ def test_zero_adapter_output_is_attention_dropped():
 
 @pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 @pytest.mark.parametrize("mlp_bias", [False, True])
-@pytest.mark.parametrize("rank,num_ranks", [(3, 2), (12, 1)])  # the regulariser's two evaluations (n >= r, n < r)
-def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank, num_ranks):
+@pytest.mark.parametrize("rank,num_ranks,bottleneck_bias", [(3, 2, False), (12, 1, False), (3, 2, True)])  # the regulariser's two evaluations (n >= r, n < r)
+def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank, num_ranks, bottleneck_bias):
     """Every modulated matrix materialised per token, which the layer never does: the output
     h + (W_d + dW_d) act((W_g + dW_g) x + b_g) * ((W_u + dW_u) x + b_u) + b_d, with the gains
     scaling W x and not the biases, and the regulariser the sum of ||dW||_F^2 over the matrices."""
     torch.manual_seed(1)
-    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=rank, num_ranks=num_ranks, modulation_scale=0.7, modulate=modulate)
+    npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=rank, num_ranks=num_ranks, modulation_scale=0.7, modulate=modulate,
+                           bottleneck_bias=bottleneck_bias)
     layer = npt.npt_layers[0]
     ad = layer.adapter
     with torch.no_grad():
@@ -57,7 +58,7 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank,
     x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
     mlp = layer.layer.mlp
     for t in range(4):
-        z = ad.c_a * ad.A.weight @ attn[0, t]
+        z = ad.c_a * ad.A.weight @ attn[0, t] + (ad.z_bias if bottleneck_bias else 0.0)
 
         def delta(mod, weight, d_in, d_out):  # gamma W + s sum_j v_f[j] v_m[j]^T
             v_m = (mod.c_m * mod.B_m.weight @ z).view(num_ranks, d_in)
@@ -76,6 +77,26 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank,
         total = sum(d.pow(2).sum() for d in (d_g, d_u, d_d))
         torch.testing.assert_close(frob2[0, t], total, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(layer.call("regularizer", attn)[0, t], total, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("modulate", ["gate", "gate,up,down"])
+def test_without_a_bottleneck_bias_the_modulation_is_even_in_the_attention_output(modulate):
+    """Each rank-1 term is the product of two linear functions of z = c_a A a, so without a gain
+    the NPT layer gives a and -a the same output; the bias e in z = c_a A a + e breaks that."""
+    h, attn = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    outputs = {}
+    for bias in (False, True):
+        torch.manual_seed(2)
+        npt = NPTModel.convert(tiny_model(num_hidden_layers=1), "all", rank=4, num_ranks=2, modulate=modulate, gate_gain=False,
+                               bottleneck_bias=bias)
+        randomize_adapters(npt, seed=4, scale=0.5)
+        layer = npt.npt_layers[0]
+        assert (layer.adapter.z_bias is not None) == bias
+        outputs[bias] = [layer.npt_output(h, sign * attn)[0] for sign in (1, -1)]
+    plus, minus = outputs[False]
+    torch.testing.assert_close(plus, minus, rtol=1e-5, atol=1e-6)
+    plus, minus = outputs[True]
+    assert (plus - minus).abs().max() > 1e-2
 
 
 def test_a_gain_of_one_doubles_the_gate_weights_not_the_gate_bias():
@@ -305,7 +326,7 @@ def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
     from npt.inject import add_to_weights, context_deltas
 
     torch.manual_seed(0)
-    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate, bottleneck_bias=True)
     randomize_adapters(npt, seed=6, scale=0.3)
     x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     deltas = context_deltas(npt, x, [1], [6])
