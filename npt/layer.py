@@ -10,7 +10,7 @@ OLMo 2/3):
 The NPT layer drops the attention residual (u = h) and lets `a` modulate the MLP's weights per
 token (`modulate`: the gate; the gate and up, "dual"; gate, up and down, "triple"):
 
-    z      = c_a A a                   A:   d_model -> r, shared by every modulated projection
+    z      = c_a A a + e               A:   d_model -> r, shared by every modulated projection; e with --bottleneck_bias, else 0
     x      = Norm_f(h)
     gate   = (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     == (W_g + dW_g) x + b_g
     up     = (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     == (W_u + dW_u) x + b_u   (dual, triple; else W_u x + b_u)
@@ -22,12 +22,18 @@ token (`modulate`: the gate; the gate and up, "dual"; gate, up and down, "triple
     gamma  = b + r^-1/2 g . z          per projection that reads x (gate, up), with --gate_gain; 0 without
     dW     = gamma W + s sum_j v_f[j] v_m[j]^T                           the per-token delta of each matrix
 
-(A, B_m, B_f, g, b trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
+(A, B_m, B_f, g, b, e trained; c_a, c_m, c_f fixed multipliers set per model, see NPTAdapter.) The
 teacher's counterpart of each: W_g, W_u read Norm_f(h + m a), W_d reads the hidden that input
 makes, and the residual adds m a; the NPT layer has only h, and the deltas carry what a changed.
 No d_out x d_in delta is ever materialised: the dot-product form above is exact and costs
 O(k (d_in + d_out)) per token and matrix instead of O(d_in d_out). A fused gate-up projection
 (Phi-3, GLM) runs as its one GEMM and its halves are modulated as views of its output.
+
+Why the bottleneck bias: without e each rank-1 term, v_f[j] (v_m[j] . x), is the product of two
+linear functions of a, so the modulation is the same for a and -a (even in a); only the gain is odd.
+The teacher's response to its attention output is to first order linear in it (the residual adds
+m a; Norm_f(h + m a) moves with a). With e the term is a full quadratic in a: its linear part,
+v_f[j](a) (v_m[j](e) . x) + v_f[j](e) (v_m[j](a) . x), can point anywhere B_f spans.
 
 Why the gain: the teacher's MLP reads Norm_f(h + a), the NPT layer's Norm_f(h); the ratio
 rms(h) / rms(h + a) scales the teacher's whole gate and up input per token, a change of W_g and
@@ -197,7 +203,7 @@ class NPTAdapter(Modulation):
     weights (this module's own B_m, B_f, gain) and, with `modulate`, of the up projection (`up`)
     and of the down projection (`down`), each a `Modulation`:
 
-        z = c_a A a
+        z = c_a A a (+ e)
         gate:  W_g x + b_g        -> (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     x = Norm_f(h)
         up:    W_u x + b_u        -> (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     (dual, triple)
         down:  W_d y + b_d        ->  W_d y + b_d + s sum_j w_f[j] (w_m[j] . y)                 (triple; y = act(gate) * up)

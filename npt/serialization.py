@@ -5,7 +5,8 @@
                                 `layers.<i>.gain.weight` [1, r] and `.gain.bias` [1], and the
                                 scalar multipliers `layers.<i>.c_a`, `.c_m`, `.c_f` (all float32);
                                 with `modulate` naming up and down, the same B_m, B_f, (gain,)
-                                c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`
+                                c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`; with
+                                `bottleneck_bias` the offset `layers.<i>.z_bias` [r]
     adapter_config.json         `"adapter_type": "npt"`, the base model, layers, r, k, s, shapes,
                                 and the sha256 of the weights file
 
@@ -137,7 +138,8 @@ MLP's gate weights. It is not a model (AutoModelForCausalLM cannot load it) and 
   `layers.<i>.gain.weight` [1, r] and `gain.bias` [1] (when `gate_gain` is true) and the scalar
   multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32. With `modulate` naming `up` (dual
   modulation) or `down` (triple), the same tensors of those projections' modulations under
-  `layers.<i>.up.` and `layers.<i>.down.` (down has no gain).
+  `layers.<i>.up.` and `layers.<i>.down.` (down has no gain). With `bottleneck_bias` true, the
+  bottleneck's offset `layers.<i>.z_bias` [r].
 - the base model's tokenizer files.
 
 Use it with the `npt` package: `NPTModel.from_pretrained("<this folder>")`, `npt-eval <this folder>`,

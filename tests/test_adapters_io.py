@@ -128,3 +128,22 @@ def test_dual_and_triple_modulation_adapters_round_trip_and_refuse_another_varia
         NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=other).load_adapter_state_dict(loaded.adapter_state_dict())
     with pytest.raises(NPTError, match="--modulate 'gate,left'"):
         NPTModel.convert(tiny_model(), "all", modulate="gate,left")
+
+
+def test_a_bottleneck_bias_round_trips_and_adapters_without_it_are_refused(tmp_path):
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, bottleneck_bias=True)
+    randomize_adapters(npt, seed=5)
+    npt.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["bottleneck_bias"] is True
+    loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    assert loaded.npt_config.bottleneck_bias and torch.equal(loaded.npt_layers[0].adapter.z_bias, npt.npt_layers[0].adapter.z_bias)
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+    with pytest.raises(NPTError, match="--bottleneck_bias"):
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
+    del config["bottleneck_bias"]  # a file written before the bias existed: none
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(NPTError, match="unexpected"):
+        NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
