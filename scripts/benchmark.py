@@ -89,6 +89,7 @@ class BenchSpec:
     rank: int = AdapterArguments.adapter_rank
     num_ranks: int = AdapterArguments.num_ranks
     gate_gain: bool = AdapterArguments.gate_gain
+    bottleneck_bias: bool = AdapterArguments.bottleneck_bias
     modulation_scale: float = AdapterArguments.modulation_scale
     npt_layers: str = AdapterArguments.npt_layers
     modulate: str = AdapterArguments.modulate
@@ -144,7 +145,7 @@ class ProjectStep:
 
     def __init__(self, model, spec: BenchSpec):
         self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain,
-                                    modulate=spec.modulate)
+                                    modulate=spec.modulate, bottleneck_bias=spec.bottleneck_bias)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         mid_training(self.npt, spec.seed + 1)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
@@ -436,7 +437,7 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
     tokens = spec.batch_size * spec.seq_len
     lines = [
         f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, NPT layers {spec.npt_layers}, r={spec.rank}, k={spec.num_ranks}, "
-        f"{'' if spec.modulate == 'gate' else 'modulating ' + spec.modulate + ', '}{'' if spec.gate_gain else 'no gate gain, '}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
+        f"{'' if spec.modulate == 'gate' else 'modulating ' + spec.modulate + ', '}{'' if spec.gate_gain else 'no gate gain, '}{'bottleneck bias, ' if spec.bottleneck_bias else ''}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
         f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
@@ -541,7 +542,7 @@ def spec_for(shape: str, args: BenchArguments, adapter: AdapterArguments) -> Ben
     """The benchmark of one shape, with every adapter flag the command line gave."""
     small = shape == "embedded"
     return BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
-                     rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain,
+                     rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain, bottleneck_bias=adapter.bottleneck_bias,
                      modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, modulate=adapter.modulate, device=args.device,
                      dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
                      gradient_checkpointing=args.gradient_checkpointing)
@@ -560,29 +561,30 @@ class AdapterSize:
     num_ranks: int
     gate_gain: bool = True
     modulate: str = "gate"
+    bottleneck_bias: bool = False
 
     @property
     def name(self) -> str:
         extra = "".join("+" + p for p in self.modulate.split(",")[1:])
-        return f"{self.rank}x{self.num_ranks}{extra}" + ("" if self.gate_gain else "-nogain")
+        return f"{self.rank}x{self.num_ranks}{extra}" + ("" if self.gate_gain else "-nogain") + ("-bias" if self.bottleneck_bias else "")
 
 
 def parse_sizes(text: str) -> list[AdapterSize]:
-    """'16x16,32x16,16x16-nogain,16x16+up,16x16+up+down': adapter rank r x number of rank-1 terms
-    k, with the gain unless the size ends in -nogain, modulating the gate and the projections named
-    after + (up: dual, up+down: triple)."""
+    """'16x16,32x16,16x16-nogain,16x16+up,16x16+up+down,16x16-bias': adapter rank r x number of
+    rank-1 terms k, with the gain unless the size has -nogain, with the bottleneck bias where it has
+    -bias, modulating the gate and the projections named after + (up: dual, up+down: triple)."""
     sizes = []
     for item in text.split(","):
-        size, _, suffix = item.strip().lower().partition("-")
+        size, *suffixes = item.strip().lower().split("-")
         size, *extra = size.split("+")
         try:
             r, k = (int(v) for v in size.split("x"))
         except ValueError:
             r = k = 0
-        if min(r, k) < 1 or suffix not in ("", "nogain") or any(p not in ("up", "down") for p in extra):
+        if min(r, k) < 1 or not set(suffixes) <= {"nogain", "bias"} or any(p not in ("up", "down") for p in extra):
             raise SystemExit(f"--compare_ranks {text!r}: expected sizes r x k such as 16x16,32x16 (16x16-nogain: without the gate gain; "
-                             "16x16+up, 16x16+up+down: dual and triple modulation).")
-        sizes.append(AdapterSize(r, k, suffix != "nogain", ",".join(["gate", *extra])))
+                             "16x16-bias: with the bottleneck bias; 16x16+up, 16x16+up+down: dual and triple modulation).")
+        sizes.append(AdapterSize(r, k, "nogain" not in suffixes, ",".join(["gate", *extra]), "bias" in suffixes))
     return sizes
 
 
@@ -593,7 +595,8 @@ def rank_costs(spec: BenchSpec, sizes: list[AdapterSize], rounds: int = 5, steps
     model = build_model(spec)
     x = make_batch(model, spec)
     contenders = {"teacher": TeacherForward(model, spec)}
-    specs = {size.name: dataclasses.replace(spec, rank=size.rank, num_ranks=size.num_ranks, gate_gain=size.gate_gain, modulate=size.modulate)
+    specs = {size.name: dataclasses.replace(spec, rank=size.rank, num_ranks=size.num_ranks, gate_gain=size.gate_gain, modulate=size.modulate,
+                                     bottleneck_bias=size.bottleneck_bias)
              for size in sizes}
     for name, sized in specs.items():
         contenders[name] = FreeRunningStep(copy.deepcopy(model), sized)

@@ -77,13 +77,13 @@ def test_adapter_sizes_compared_side_by_side():
     """--compare_ranks: one row per size, adapter parameters by hand (tiny: 3 layers, d 32, f 64:
     A d r + B_m k r d + B_f k r f), ratios against the first size."""
     spec = bench.BenchSpec(shape="tiny", batch_size=2, seq_len=16)
-    table = bench.rank_costs(spec, bench.parse_sizes("4x4,8x2,4x4-nogain,4x4+up+down"), rounds=1, steps=1, warmup=1)
+    table = bench.rank_costs(spec, bench.parse_sizes("4x4,8x2,4x4-nogain,4x4+up+down,4x4-nogain-bias"), rounds=1, steps=1, warmup=1)
     rows = [line.split("|") for line in table.splitlines() if line.startswith(("| 4x4", "| 8x2"))]
-    assert [r[1].strip() for r in rows] == ["4x4", "8x2", "4x4-nogain", "4x4+up+down"]
+    assert [r[1].strip() for r in rows] == ["4x4", "8x2", "4x4-nogain", "4x4+up+down", "4x4-nogain-bias"]
     low_rank = [3 * (32 * 4 + 16 * 32 + 16 * 64), 3 * (32 * 8 + 16 * 32 + 16 * 64)]
     # the gain: r + 1 weights per layer; up: another 16 x (32 + 64) and a gain, down 16 x (64 + 32)
     triple = low_rank[0] + 3 * 5 + 3 * (16 * 96 + 5) + 3 * 16 * 96
-    assert [int(r[2].replace(",", "")) for r in rows] == [low_rank[0] + 3 * 5, low_rank[1] + 3 * 9, low_rank[0], triple]
+    assert [int(r[2].replace(",", "")) for r in rows] == [low_rank[0] + 3 * 5, low_rank[1] + 3 * 9, low_rank[0], triple, low_rank[0] + 3 * 4]
     assert float(rows[0][6]) == 1.0 and float(rows[1][6]) > 0
     for bad in ("16,32", "16x16-gain", "16x16+left"):
         with pytest.raises(SystemExit, match="r x k"):
@@ -92,12 +92,12 @@ def test_adapter_sizes_compared_side_by_side():
 
 def test_every_adapter_flag_reaches_the_benchmark_or_is_refused():
     args, adapter = bench.parse(["--shapes", "tiny", "--no-gate_gain", "--modulation_scale", "0.5", "--npt_layers", "1-2",
-                                 "--adapter_rank", "4", "--num_ranks", "2", "--modulate", "gate,up,down"])
+                                 "--adapter_rank", "4", "--num_ranks", "2", "--modulate", "gate,up,down", "--bottleneck_bias"])
     spec = bench.spec_for("tiny", args, adapter)
     assert (spec.gate_gain, spec.modulation_scale, spec.npt_layers, spec.rank, spec.num_ranks) == (False, 0.5, "1-2", 4, 2)
     step = bench.FreeRunningStep(bench.build_model(spec), spec)
     assert step.npt.npt_config.layers == [1, 2] and not step.npt.npt_config.gate_gain
-    assert step.npt.npt_config.modulate == ["gate", "up", "down"]
+    assert step.npt.npt_config.modulate == ["gate", "up", "down"] and step.npt.npt_config.bottleneck_bias
     assert step.npt.npt_config.modulation_scale == 0.5
     with pytest.raises(SystemExit, match="--adapter_init default: the benchmark times random adapters"):
         bench.parse(["--adapter_init", "default"])
