@@ -38,7 +38,7 @@ class AdapterArguments:
     modulation_scale: float = HfArg(default=1.0, help="Modulation scale s of the gate delta.")
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate,up,down", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple, the default recipe: CHANGELOG.md); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
-    bottleneck_bias: bool = HfArg(default=False, help="A trained offset e in the bottleneck, z = c_a A a + e (r weights per layer). Without it every rank-1 term is quadratic in the attention output, so the modulation is the same for a and -a; with it the terms also hold parts linear in a, as the teacher's response to its attention is to first order.")
+    bottleneck_bias: bool = HfArg(default=True, help="A trained offset e in the bottleneck, z = c_a A a + e (r weights per layer, zero at the start). Without it every rank-1 term is quadratic in the attention output a, so the modulation is the same for a and -a; with it the terms also hold parts linear in a, as the teacher's response to its attention is to first order. --no-bottleneck_bias: without it (adapters saved before it existed load without it).")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):

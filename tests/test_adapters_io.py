@@ -67,12 +67,13 @@ def test_adapter_file_of_the_default_model_holds_the_adapters_only(tmp_path):
     assert cfg.modulate == "gate,up,down"
     assert sorted({n.split(".", 2)[2] for n in names}) == [
         "A.weight", "B_f.weight", "B_m.weight", "c_a", "c_f", "c_m", "down.B_f.weight", "down.B_m.weight", "down.c_f", "down.c_m",
-        "gain.bias", "gain.weight", "up.B_f.weight", "up.B_m.weight", "up.c_f", "up.c_m", "up.gain.bias", "up.gain.weight"], names
+        "gain.bias", "gain.weight", "up.B_f.weight", "up.B_m.weight", "up.c_f", "up.c_m", "up.gain.bias", "up.gain.weight", "z_bias"], names
     # per layer A [r, d]; gate and up: B_m [k d, r], B_f [k f, r] and a gain of r + 1; down: B_m
-    # [k f, r], B_f [k d, r]. At the default k = 6, r = 32 (k r 192) that is within 10% of the
-    # k 11, r 16 it replaced (k r 176): the wider A and the gains are the difference
+    # [k f, r], B_f [k d, r]; the bottleneck bias, r. At the default k = 6, r = 32 (k r 192) that is
+    # within 10% of the k 11, r 16 it replaced (k r 176): the wider A, the gains and the bias are the difference
     d, f, k, rank = r.hidden_size, r.intermediate_size, cfg.num_ranks, cfg.adapter_rank
-    assert n_adapter == r.num_layers * (rank * d + 3 * k * (d + f) * rank + 2 * (rank + 1))
+    assert cfg.bottleneck_bias
+    assert n_adapter == r.num_layers * (rank * d + 3 * k * (d + f) * rank + 2 * (rank + 1) + rank)
     before = r.num_layers * (16 * d + 3 * 11 * (d + f) * 16 + 2 * 17)
     assert 1.0 < n_adapter / before < 1.1
     assert n_adapter * 4 < 1.2 * base_bytes  # 1.14x this small teacher's own size; far less of a real model's
@@ -142,7 +143,7 @@ def test_a_bottleneck_bias_round_trips_and_adapters_without_it_are_refused(tmp_p
     with torch.no_grad():
         assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
     with pytest.raises(NPTError, match="--bottleneck_bias"):
-        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2).load_adapter_state_dict(loaded.adapter_state_dict())
+        NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, bottleneck_bias=False).load_adapter_state_dict(loaded.adapter_state_dict())
     del config["bottleneck_bias"]  # a file written before the bias existed: none
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(NPTError, match="unexpected"):
