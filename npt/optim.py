@@ -170,10 +170,15 @@ class ClippedAdamW(torch.optim.Optimizer):
         return fraction
 
 
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer itself, through accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def reset_moments(optimizer: torch.optim.Optimizer) -> None:
     """Forget AdamW's moments and step counts; each parameter's state is rebuilt, bias correction
     included, at its next update."""
-    getattr(optimizer, "optimizer", optimizer).state.clear()  # through accelerate's wrapper
+    unwrapped(optimizer).state.clear()
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:

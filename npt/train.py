@@ -51,7 +51,7 @@ from .metrics import IntervalMeans, Tracker, to_tags
 from .model import NPTModel
 from .monitor import ConvergenceMonitor
 from .objective import EquivalenceObjective, calibrate_adapters
-from .optim import build_optimizer, reset_moments, set_learning_rate
+from .optim import build_optimizer, reset_moments, set_learning_rate, unwrapped
 from .provenance import provenance
 from .run import GracefulStop, Interrupted, checkpoint_to_resume, clear_previous_run, resolve_device, resolve_output_dir
 from .schedules import converted_count
@@ -377,7 +377,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
             step_metrics = window_metrics.means()
             step_metrics["grad_norm"] = grad_norm.detach().float()
             if cfg.optim.update_clipping:
-                step_metrics["update_clipped"] = getattr(run.optimizer, "optimizer", run.optimizer).pop_clipped_fraction()
+                step_metrics["update_clipped"] = unwrapped(run.optimizer).pop_clipped_fraction()
             means.add(step_metrics)
             bar.update(1)
         elif math.isfinite(loss_value) and acc.mixed_precision == "fp16":
