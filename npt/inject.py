@@ -52,7 +52,7 @@ def context_deltas(npt_model: NPTModel, input_ids: torch.Tensor, layers: list[in
     deltas = {}
     for i, layer in wanted.items():
         adapter = layer.adapter
-        z = adapter.bottleneck(records[i].attn[0, positions])
+        z = adapter.bottleneck(layer.adapter_input(records[i].inputs[0, positions], records[i].attn[0, positions]))
         deltas[i] = {}
         for name in adapter.modulated:
             modulation = adapter.modulation(name)

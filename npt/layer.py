@@ -10,7 +10,8 @@ OLMo 2/3):
 The NPT layer drops the attention residual (u = h) and lets `a` modulate the MLP's weights per
 token (`modulate`: the gate; the gate and up, "dual"; gate, up and down, "triple"):
 
-    z      = c_a A a + e               A:   d_model -> r, shared by every modulated projection; e with --bottleneck_bias, else 0
+    z      = c_a A a' + e              A:   d_model -> r, shared by every modulated projection; e with --bottleneck_bias, else 0
+                                       a' = a, or a / rms(h) with --adapter_input relative
     x      = Norm_f(h)
     gate   = (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     == (W_g + dW_g) x + b_g
     up     = (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     == (W_u + dW_u) x + b_u   (dual, triple; else W_u x + b_u)
@@ -34,6 +35,12 @@ linear functions of a, so the modulation is the same for a and -a (even in a); o
 The teacher's response to its attention output is to first order linear in it (the residual adds
 m a; Norm_f(h + m a) moves with a). With e the term is a full quadratic in a: its linear part,
 v_f[j](a) (v_m[j](e) . x) + v_f[j](e) (v_m[j](a) . x), can point anywhere B_f spans.
+
+Why a relative input: the teacher's MLP reads Norm_f(h + m a) = Norm_f(h / rms(h) + m a / rms(h)),
+so what its attention output changes there is a / rms(h), the attention output in units of the
+residual stream; a bottleneck that reads a alone sees one token's a at whatever scale its residual
+stream has (in deep models rms(h) varies per token and grows with depth), the same a where it
+moves the teacher's MLP input much and where it moves it little. Both ways the layer is as costly.
 
 Why the gain: the teacher's MLP reads Norm_f(h + a), the NPT layer's Norm_f(h); the ratio
 rms(h) / rms(h + a) scales the teacher's whole gate and up input per token, a change of W_g and
@@ -59,6 +66,7 @@ from .errors import NPTError
 
 
 MODULATED = ("gate", "up", "down")  # the projections an adapter can modulate, in this order
+ADAPTER_INPUTS = ("attention", "relative")  # what the bottleneck reads: a, or a / rms(h)
 
 
 def parse_modulate(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -203,7 +211,7 @@ class NPTAdapter(Modulation):
     weights (this module's own B_m, B_f, gain) and, with `modulate`, of the up projection (`up`)
     and of the down projection (`down`), each a `Modulation`:
 
-        z = c_a A a (+ e)
+        z = c_a A a (+ e)             a: the attention output, or a / rms(h) (`adapter_input`, read by the layer)
         gate:  W_g x + b_g        -> (1 + gamma_g) W_g x + b_g + s sum_j v_f[j] (v_m[j] . x)     x = Norm_f(h)
         up:    W_u x + b_u        -> (1 + gamma_u) W_u x + b_u + s sum_j u_f[j] (u_m[j] . x)     (dual, triple)
         down:  W_d y + b_d        ->  W_d y + b_d + s sum_j w_f[j] (w_m[j] . y)                 (triple; y = act(gate) * up)
@@ -230,9 +238,13 @@ class NPTAdapter(Modulation):
     """
 
     def __init__(self, d_model: int, d_ffn: int, rank: int, num_ranks: int, scale: float, gate_gain: bool = False,
-                 modulate: tuple[str, ...] | str = ("gate",), bottleneck_bias: bool = False):
+                 modulate: tuple[str, ...] | str = ("gate",), bottleneck_bias: bool = False, adapter_input: str = "attention"):
         super().__init__(d_model, d_ffn, rank, num_ranks, scale, gate_gain, attn_dim=d_model)
         self.d_model, self.d_ffn = d_model, d_ffn
+        if adapter_input not in ADAPTER_INPUTS:
+            raise NPTError(f"--adapter_input {adapter_input!r} is not one of {', '.join(ADAPTER_INPUTS)}.",
+                           "Pass --adapter_input attention (a, the original NPT) or relative (a / rms(h)).")
+        self.adapter_input = adapter_input
         self.modulated = parse_modulate(modulate)
         self.up = Modulation(d_model, d_ffn, rank, num_ranks, scale, gate_gain) if "up" in self.modulated else None
         self.down = Modulation(d_ffn, d_model, rank, num_ranks, scale) if "down" in self.modulated else None
@@ -396,7 +408,7 @@ class NPTDecoderLayer(nn.Module):
     def forward(self, *args, npt_call: str | None = None, **kwargs):
         """The decoder layer as HF calls it (teacher or NPT, by `npt_enabled`) or, given
         `npt_call`, the named student method: `layer(h, a, npt_call="student_output")`,
-        `layer(a, npt_call="regularizer")`; `call` spells these.
+        `layer(h, a, npt_call="regularizer")`; `call` spells these.
 
         One thin dispatcher because the student computations must go through this module's call,
         not a plain method: a sharded (FSDP) layer gathers its weights in its call, and again for
@@ -436,17 +448,26 @@ class NPTDecoderLayer(nn.Module):
             return checkpoint(self.npt_output, hidden_states, attn, use_reentrant=False, context_fn=_same_sdpa_backends)
         return self.npt_output(hidden_states, attn)
 
-    def regularizer(self, attn: torch.Tensor) -> torch.Tensor:
-        """The per-token regulariser alone for attention output a (a free-running step's: HF's
-        decoder loop passes one tensor from layer to layer, so it is computed afterwards from the
-        recorded attention outputs)."""
-        return self.adapter("regularizer", attn, self.projection_weights())
+    def regularizer(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The per-token regulariser alone for input h and attention output a (a free-running
+        step's: HF's decoder loop passes one tensor from layer to layer, so it is computed
+        afterwards from the recorded inputs and attention outputs)."""
+        return self.adapter("regularizer", self.adapter_input(hidden_states, attn), self.projection_weights())
 
     def attention(self, hidden_states: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         """a = Post_a(SelfAttn(Norm_a(h))), with the same keyword arguments the decoder layer receives."""
         w, layer = self.wiring, self.layer
         out = layer.self_attn(hidden_states=w.apply(layer, w.attn_norm, hidden_states), **attn_kwargs)
         return w.apply(layer, w.attn_out_norm, out[0] if isinstance(out, tuple) else out)
+
+    def adapter_input(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """What the adapter's bottleneck reads: the attention output a, or with `--adapter_input
+        relative` a / rms(h), the attention output in units of the residual stream it would have
+        been added to (the scale at which the teacher's Norm_f(h + m a) sees it)."""
+        if self.adapter.adapter_input == "attention":
+            return attn
+        inv_rms = hidden_states.float().pow(2).mean(-1, keepdim=True).add(1e-12).rsqrt()
+        return attn * inv_rms.to(attn.dtype)
 
     def mlp_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """x = Norm_f(h): what the (modulated) MLP reads."""
@@ -481,7 +502,7 @@ class NPTDecoderLayer(nn.Module):
         w, mlp = self.wiring, self.layer.mlp
         x = self.mlp_input(hidden_states)
         gate, up = self.gate_up(x)
-        gate, up, z, frob2 = self.adapter("modulate_inputs", x, attn, gate, up, self.projection_weights(), regularizer)
+        gate, up, z, frob2 = self.adapter("modulate_inputs", x, self.adapter_input(hidden_states, attn), gate, up, self.projection_weights(), regularizer)
         act = w.activation(self.layer)
         if self.adapter.down is not None:  # added in d_model space, before any post-feedforward norm
             y = act(gate) * up

@@ -39,6 +39,7 @@ class AdapterArguments:
     gate_gain: bool = HfArg(default=True, help="Let the attention output also scale the whole gate weight matrix per token, (1 + gamma(a)) W_g, next to the rank-k delta (r + 1 weights per layer). --no-gate_gain: the rank-k delta alone.")
     modulate: str = HfArg(default="gate,up,down", help="The MLP projections the attention output modulates: gate (the original NPT), gate,up (dual modulation) or gate,up,down (triple, the default recipe: CHANGELOG.md); each gets k rank-1 terms from the shared bottleneck, gate and up a gain (with --gate_gain).")
     bottleneck_bias: bool = HfArg(default=True, help="A trained offset e in the bottleneck, z = c_a A a + e (r weights per layer, zero at the start). Without it every rank-1 term is quadratic in the attention output a, so the modulation is the same for a and -a; with it the terms also hold parts linear in a, as the teacher's response to its attention is to first order. --no-bottleneck_bias: without it (adapters saved before it existed load without it).")
+    adapter_input: Literal["attention", "relative"] = HfArg(default="attention", help="What the adapter's bottleneck reads: attention, the attention output a (the original NPT); relative, a / rms(h), the attention output in units of the residual stream it would have been added to, the scale at which the teacher's MLP norm sees it (the same weights; the scale is recalibrated).")
     adapter_init: Literal["calibrated", "default"] = HfArg(default="calibrated", help="calibrated: scale A and B_m so z and v_m.x have unit RMS on 16 training blocks; default: PyTorch's init.")
 
     def __post_init__(self):
@@ -75,6 +76,7 @@ class NPTModel(nn.Module):
         gate_gain: bool = AdapterArguments.gate_gain,
         modulate: str | list[str] | tuple[str, ...] = AdapterArguments.modulate,
         bottleneck_bias: bool = AdapterArguments.bottleneck_bias,
+        adapter_input: str = AdapterArguments.adapter_input,
     ) -> "NPTModel":
         """Wrap the selected layers of `model` (in place) and freeze every base weight."""
         hf_config = model.config
@@ -94,7 +96,7 @@ class NPTModel(nn.Module):
         model_name = getattr(hf_config, "model_type", "model")
         recorded = record_teacher(model, {i: layer_list[i] for i in indices})
         wrapped = {
-            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated, bottleneck_bias).to(device=base_param.device, dtype=torch.float32),
+            i: NPTDecoderLayer(layer_list[i], NPTAdapter(d_model, d_ffn, rank, num_ranks, modulation_scale, gate_gain, modulated, bottleneck_bias, adapter_input).to(device=base_param.device, dtype=torch.float32),
                                i, wirings[i])
             for i in indices
         }
@@ -120,6 +122,7 @@ class NPTModel(nn.Module):
             gate_gain=bool(gate_gain),
             modulate=list(modulated),
             bottleneck_bias=bool(bottleneck_bias),
+            adapter_input=str(adapter_input),
             dtype=dtype_name(base_param.dtype),
             model_type=getattr(hf_config, "model_type", ""),
             hidden_size=d_model,
@@ -170,6 +173,7 @@ class NPTModel(nn.Module):
             gate_gain=config.gate_gain,
             modulate=config.modulate,
             bottleneck_bias=config.bottleneck_bias,
+            adapter_input=config.adapter_input,
         )
         npt.load_adapter_state_dict(load_adapter_weights(adapter_dir))
         return npt

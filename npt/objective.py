@@ -99,7 +99,7 @@ class EquivalenceObjective(nn.Module):
                 records, students, frob2s = self.local_terms(runs)
             else:
                 students = {idx: rec.outputs for idx, rec in runs.items()}
-                frob2s = {idx: layers[idx].call("regularizer", rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
+                frob2s = {idx: layers[idx].call("regularizer", rec.inputs, rec.attn) for idx, rec in runs.items() if layers[idx].npt_enabled}
         else:
             students, frob2s = {}, {}
             for idx, layer in self.npt.npt_layers.items():
@@ -211,5 +211,5 @@ def calibrate_adapters(npt_model: NPTModel, input_ids: torch.Tensor, attention_m
         if layer.adapter.down is not None:
             y = layer.wiring.activation(layer.layer)(gate) * up
             extra |= {"hidden": real_tokens(y, mask), "down": real_tokens(layer.layer.mlp.down_proj(y), mask)}
-        stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(rec.attn, mask), real_tokens(gate, mask), **extra)
+        stats[idx] = layer.adapter.calibrate_(real_tokens(x, mask), real_tokens(layer.adapter_input(rec.inputs, rec.attn), mask), real_tokens(gate, mask), **extra)
     return stats

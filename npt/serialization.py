@@ -7,6 +7,7 @@
                                 with `modulate` naming up and down, the same B_m, B_f, (gain,)
                                 c_m, c_f under `layers.<i>.up.` and `layers.<i>.down.`; with
                                 `bottleneck_bias` the offset `layers.<i>.z_bias` [r]
+                                (`adapter_input` in the JSON says whether A reads a or a / rms(h))
     adapter_config.json         `"adapter_type": "npt"`, the base model, layers, r, k, s, shapes,
                                 and the sha256 of the weights file
 
@@ -49,6 +50,7 @@ class NPTConfig:
     gate_gain: bool = False  # files written before the gain existed have none
     modulate: list[str] = dataclasses.field(default_factory=lambda: ["gate"])  # files written before the variants modulated the gate only
     bottleneck_bias: bool = False  # files written before it existed have none
+    adapter_input: str = "attention"  # files written before it existed read the attention output
     dtype: str = "float32"
     model_type: str = ""
     hidden_size: int = 0
@@ -72,6 +74,7 @@ class NPTConfig:
             "gate_gain": self.gate_gain,
             "modulate": list(self.modulate),
             "bottleneck_bias": self.bottleneck_bias,
+            "adapter_input": self.adapter_input,
         }
 
 
@@ -139,7 +142,8 @@ MLP's gate weights. It is not a model (AutoModelForCausalLM cannot load it) and 
   multipliers `layers.<i>.c_a`, `c_m`, `c_f`; float32. With `modulate` naming `up` (dual
   modulation) or `down` (triple), the same tensors of those projections' modulations under
   `layers.<i>.up.` and `layers.<i>.down.` (down has no gain). With `bottleneck_bias` true, the
-  bottleneck's offset `layers.<i>.z_bias` [r].
+  bottleneck's offset `layers.<i>.z_bias` [r]. `adapter_input`: what the bottleneck reads,
+  `attention` (the attention output a) or `relative` (a / rms(h), h the layer's input).
 - the base model's tokenizer files.
 
 Use it with the `npt` package: `NPTModel.from_pretrained("<this folder>")`, `npt-eval <this folder>`,

@@ -192,7 +192,8 @@ def setup(cfg: Config) -> Run:
     if Path(base).expanduser().exists():  # a local folder: recorded so that the adapters load from anywhere
         base = str(Path(base).expanduser().resolve())
     npt = NPTModel.convert(model, a.npt_layers, a.adapter_rank, a.num_ranks, a.modulation_scale, base_model_name_or_path=base,
-                          gate_gain=a.gate_gain, modulate=a.modulate, bottleneck_bias=a.bottleneck_bias)
+                          gate_gain=a.gate_gain, modulate=a.modulate, bottleneck_bias=a.bottleneck_bias,
+                          adapter_input=a.adapter_input)
     npt.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
 
     # data: a built-in teacher's own corpus unless a dataset is given
@@ -254,7 +255,7 @@ def check_resume_compatible(ckpt: Path, npt_model: NPTModel) -> None:
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diffs.items())
         raise NPTError(f"Checkpoint {ckpt} belongs to another model or adapter shape ({detail}).",
-                       "Resume with the original --model_name, --npt_layers, --adapter_rank, --num_ranks, --gate_gain, --modulate and --bottleneck_bias, or start a new --output_dir.")
+                       "Resume with the original --model_name, --npt_layers, --adapter_rank, --num_ranks, --gate_gain, --modulate, --bottleneck_bias and --adapter_input, or start a new --output_dir.")
 
 
 def start(run: Run) -> Tracker:

@@ -90,6 +90,7 @@ class BenchSpec:
     num_ranks: int = AdapterArguments.num_ranks
     gate_gain: bool = AdapterArguments.gate_gain
     bottleneck_bias: bool = AdapterArguments.bottleneck_bias
+    adapter_input: str = AdapterArguments.adapter_input
     modulation_scale: float = AdapterArguments.modulation_scale
     npt_layers: str = AdapterArguments.npt_layers
     modulate: str = AdapterArguments.modulate
@@ -145,7 +146,7 @@ class ProjectStep:
 
     def __init__(self, model, spec: BenchSpec):
         self.npt = NPTModel.convert(model, spec.npt_layers, spec.rank, spec.num_ranks, spec.modulation_scale, gate_gain=spec.gate_gain,
-                                    modulate=spec.modulate, bottleneck_bias=spec.bottleneck_bias)
+                                    modulate=spec.modulate, bottleneck_bias=spec.bottleneck_bias, adapter_input=spec.adapter_input)
         self.npt.set_gradient_checkpointing(spec.gradient_checkpointing)
         mid_training(self.npt, spec.seed + 1)
         loss = NPTLoss(LossConfig(loss_type=spec.loss_type, logit_kl_weight=1.0 if self.free_running else 0.0), len(self.npt.npt_config.layers))
@@ -259,6 +260,7 @@ def naive_npt_output(layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
     one generic graph (the original design had neither of the project's shortcuts)."""
     mlp, ad = layer.layer.mlp, layer.adapter
     x = layer.layer.post_attention_layernorm(h)
+    attn = layer.adapter_input(h, attn)
     v_m, v_f = ad.vectors(attn)
     coef = torch.einsum("...kd,...d->...k", v_m, x.to(v_m.dtype))
     delta = ad.scale * torch.einsum("...k,...kf->...f", coef, v_f)
@@ -437,7 +439,7 @@ def report(spec: BenchSpec, times: dict[str, float], memory: dict[str, float] | 
     tokens = spec.batch_size * spec.seq_len
     lines = [
         f"**{spec.shape}** (batch {spec.batch_size} x {spec.seq_len} tokens, NPT layers {spec.npt_layers}, r={spec.rank}, k={spec.num_ranks}, "
-        f"{'' if spec.modulate == 'gate' else 'modulating ' + spec.modulate + ', '}{'' if spec.gate_gain else 'no gate gain, '}{'bottleneck bias, ' if spec.bottleneck_bias else ''}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
+        f"{'' if spec.modulate == 'gate' else 'modulating ' + spec.modulate + ', '}{'' if spec.gate_gain else 'no gate gain, '}{'bottleneck bias, ' if spec.bottleneck_bias else ''}{'' if spec.adapter_input == 'attention' else 'adapter input ' + spec.adapter_input + ', '}{'' if spec.modulation_scale == 1.0 else f's={spec.modulation_scale:g}, '}{spec.device}, {spec.dtype}"
         f"{', gradient checkpointing' if spec.gradient_checkpointing else ''})",
         "",
         "| contender | ms / step | tokens/s | step / teacher forward | GFLOP/s | of the matmul rate | peak memory (MB) |",
@@ -542,7 +544,7 @@ def spec_for(shape: str, args: BenchArguments, adapter: AdapterArguments) -> Ben
     """The benchmark of one shape, with every adapter flag the command line gave."""
     small = shape == "embedded"
     return BenchSpec(shape=shape, batch_size=args.batch_size or (8 if small else 4), seq_len=args.seq_len or (128 if small else 512),
-                     rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain, bottleneck_bias=adapter.bottleneck_bias,
+                     rank=adapter.adapter_rank, num_ranks=adapter.num_ranks, gate_gain=adapter.gate_gain, bottleneck_bias=adapter.bottleneck_bias, adapter_input=adapter.adapter_input,
                      modulation_scale=adapter.modulation_scale, npt_layers=adapter.npt_layers, modulate=adapter.modulate, device=args.device,
                      dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
                      gradient_checkpointing=args.gradient_checkpointing)

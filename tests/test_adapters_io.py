@@ -131,6 +131,24 @@ def test_dual_and_triple_modulation_adapters_round_trip_and_refuse_another_varia
         NPTModel.convert(tiny_model(), "all", modulate="gate,left")
 
 
+def test_the_adapter_input_round_trips_and_older_files_read_the_attention_output(tmp_path):
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, adapter_input="relative")
+    randomize_adapters(npt, seed=5)
+    npt.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["adapter_input"] == "relative"
+    loaded = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(npt(input_ids=x).logits, loaded(input_ids=x).logits)
+    del config["adapter_input"]  # a file written before the choice existed: the attention output
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    older = NPTModel.from_pretrained(tmp_path, base_model=tiny_model())
+    assert older.npt_config.adapter_input == "attention"
+    with torch.no_grad():
+        assert not torch.allclose(older(input_ids=x).logits, loaded(input_ids=x).logits, atol=1e-4)
+
+
 def test_a_bottleneck_bias_round_trips_and_adapters_without_it_are_refused(tmp_path):
     npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, bottleneck_bias=True)
     randomize_adapters(npt, seed=5)

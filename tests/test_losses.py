@@ -305,7 +305,7 @@ def test_free_running_student_chains_npt_layers_and_trains_across_layers():
         h, f2 = layer.npt_output(h, a)
         torch.testing.assert_close(records[i].outputs, h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(records[i].attn, a, rtol=1e-5, atol=1e-5)  # the student's own attention output
-        torch.testing.assert_close(layer.call("regularizer", records[i].attn), f2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.call("regularizer", records[i].inputs, records[i].attn), f2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits, npt(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
     # A loss on the last layer alone reaches the first layer's adapter only when running freely.

@@ -40,14 +40,15 @@ def test_zero_adapter_output_is_attention_dropped():
 
 @pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
 @pytest.mark.parametrize("mlp_bias", [False, True])
-@pytest.mark.parametrize("rank,num_ranks,bottleneck_bias", [(3, 2, False), (12, 1, False), (3, 2, True)])  # the regulariser's two evaluations (n >= r, n < r)
-def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank, num_ranks, bottleneck_bias):
+@pytest.mark.parametrize("rank,num_ranks,bottleneck_bias,adapter_input",  # the regulariser's two evaluations (n >= r, n < r)
+                         [(3, 2, False, "attention"), (12, 1, False, "attention"), (3, 2, True, "attention"), (3, 2, True, "relative")])
+def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank, num_ranks, bottleneck_bias, adapter_input):
     """Every modulated matrix materialised per token, which the layer never does: the output
     h + (W_d + dW_d) act((W_g + dW_g) x + b_g) * ((W_u + dW_u) x + b_u) + b_d, with the gains
     scaling W x and not the biases, and the regulariser the sum of ||dW||_F^2 over the matrices."""
     torch.manual_seed(1)
     npt = NPTModel.convert(tiny_model(mlp_bias=mlp_bias), "all", rank=rank, num_ranks=num_ranks, modulation_scale=0.7, modulate=modulate,
-                           bottleneck_bias=bottleneck_bias)
+                           bottleneck_bias=bottleneck_bias, adapter_input=adapter_input)
     layer = npt.npt_layers[0]
     ad = layer.adapter
     with torch.no_grad():
@@ -58,7 +59,8 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank,
     x = hand_rmsnorm(layer.layer.post_attention_layernorm, h)
     mlp = layer.layer.mlp
     for t in range(4):
-        z = ad.c_a * ad.A.weight @ attn[0, t] + (ad.z_bias if bottleneck_bias else 0.0)
+        seen = attn[0, t] / h[0, t].pow(2).mean().sqrt() if adapter_input == "relative" else attn[0, t]  # a / rms(h), or a
+        z = ad.c_a * ad.A.weight @ seen + (ad.z_bias if bottleneck_bias else 0.0)
 
         def delta(mod, weight, d_in, d_out):  # gamma W + s sum_j v_f[j] v_m[j]^T
             v_m = (mod.c_m * mod.B_m.weight @ z).view(num_ranks, d_in)
@@ -76,7 +78,7 @@ def test_known_delta_gives_hand_computed_modulated_mlp(modulate, mlp_bias, rank,
         torch.testing.assert_close(out[0, t], expected, rtol=1e-4, atol=1e-5)
         total = sum(d.pow(2).sum() for d in (d_g, d_u, d_d))
         torch.testing.assert_close(frob2[0, t], total, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer.call("regularizer", attn)[0, t], total, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.call("regularizer", h, attn)[0, t], total, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("modulate", ["gate", "gate,up,down"])
@@ -97,6 +99,26 @@ def test_without_a_bottleneck_bias_the_modulation_is_even_in_the_attention_outpu
     torch.testing.assert_close(plus, minus, rtol=1e-5, atol=1e-6)
     plus, minus = outputs[True]
     assert (plus - minus).abs().max() > 1e-2
+
+
+def test_a_relative_adapter_input_makes_the_mlp_branch_blind_to_the_residual_scale_as_the_teachers_is():
+    """The teacher's MLP reads Norm_f(h + a): scaling h and a together leaves its MLP branch as it
+    is. The NPT layer's x = Norm_f(h) is blind to that scale too, but its bottleneck reads a; with
+    --adapter_input relative it reads a / rms(h), and the branch out - h is unchanged again."""
+    h, attn = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    branches = {}
+    for adapter_input in ("attention", "relative"):
+        npt = NPTModel.convert(tiny_model(num_hidden_layers=1), "all", rank=4, num_ranks=2, adapter_input=adapter_input)
+        randomize_adapters(npt, seed=4, scale=0.5)
+        layer = npt.npt_layers[0]
+        with torch.no_grad():
+            teacher = [layer.teacher_output(c * h, c * attn) - c * (h + attn) for c in (1.0, 3.0)]
+            branches[adapter_input] = [layer.npt_output(c * h, c * attn)[0] - c * h for c in (1.0, 3.0)]
+    torch.testing.assert_close(teacher[0], teacher[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(*branches["relative"], rtol=1e-4, atol=1e-5)
+    assert (branches["attention"][0] - branches["attention"][1]).abs().max() > 1e-2
+    with pytest.raises(NPTError, match="--adapter_input 'residual'"):
+        NPTModel.convert(tiny_model(), "all", adapter_input="residual")
 
 
 def test_a_gain_of_one_doubles_the_gate_weights_not_the_gate_bias():
@@ -317,8 +339,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(free_running):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("modulate", ["gate", "gate,up", "gate,up,down"])
-def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
+@pytest.mark.parametrize("modulate,adapter_input", [("gate", "attention"), ("gate,up", "attention"), ("gate,up,down", "attention"),
+                                                    ("gate,up,down", "relative")])
+def test_injection_folds_the_delta_of_every_modulated_matrix(modulate, adapter_input):
     """npt-inject's delta at one position is that token's dW of each modulated matrix (its squared
     norms add up to the regulariser the layer computes there, by another route), and it is added
     to exactly those matrices of the plain model."""
@@ -326,14 +349,14 @@ def test_injection_folds_the_delta_of_every_modulated_matrix(modulate):
     from npt.inject import add_to_weights, context_deltas
 
     torch.manual_seed(0)
-    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate, bottleneck_bias=True)
+    npt = NPTModel.convert(tiny_model(), "all", rank=3, num_ranks=2, modulate=modulate, bottleneck_bias=True, adapter_input=adapter_input)
     randomize_adapters(npt, seed=6, scale=0.3)
     x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     deltas = context_deltas(npt, x, [1], [6])
     assert list(deltas[1]) == modulate.split(",")
     with torch.no_grad():
         records, _ = run_student(npt, x)
-        frob2 = npt.npt_layers[1].call("regularizer", records[1].attn)[0, 6]
+        frob2 = npt.npt_layers[1].call("regularizer", records[1].inputs, records[1].attn)[0, 6]
     torch.testing.assert_close(sum(d.pow(2).sum() for d in deltas[1].values()), frob2, rtol=1e-4, atol=1e-6)
     model = npt.unload()
     mlp = model.model.layers[1].mlp

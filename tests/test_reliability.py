@@ -148,6 +148,8 @@ def test_resume_with_another_adapter_shape_or_model_is_refused(tmp_path, trained
     assert code == 2 and "another model or adapter shape" in err and "rank: checkpoint 4 vs now 8" in err
     code, err = run_cli(tiny_args(trained_teacher_dir, finished_run, "--modulate", "gate,up", "--resume_from_checkpoint", "latest"), capsys)
     assert code == 2 and "modulate: checkpoint ['gate', 'up', 'down'] vs now ['gate', 'up']" in err
+    code, err = run_cli(tiny_args(trained_teacher_dir, finished_run, "--adapter_input", "relative", "--resume_from_checkpoint", "latest"), capsys)
+    assert code == 2 and "adapter_input: checkpoint attention vs now relative" in err
     other = tmp_path / "other-teacher"
     build_teacher(other, load_corpus()[:400], TeacherRecipe(vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
                                                                  max_position_embeddings=256, seq_len=32, batch_size=4, steps=2, warmup_steps=1), progress=False)
