@@ -52,6 +52,8 @@ VARIANTS: dict[str, list[str]] = {
     "free-running with the per-layer terms too": ["--free_running_layer_weight", "1"],
     "free-running at a tenth of the learning rate": ["--free_running_lr_scale", "0.1"],
     "AdamW's moments cleared where free-running starts": ["--reset_moments_at_free_running"],
+    "without the bottleneck bias (the default until 2026-12-07)": ["--no_bottleneck_bias"],
+    "the adapter reads a / rms(h)": ["--adapter_input", "relative"],
     "teacher forcing for 40% of the steps (the default until 2026-12-01)": ["--free_running_steps", "0.6"],
     "free-running throughout": ["--free_running_steps", "1.0"],
     "cosine learning-rate schedule (the default until 2026-12-01)": ["--lr_scheduler", "cosine"],
