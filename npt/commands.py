@@ -26,8 +26,9 @@ from .data import DataArguments, block_convention, heldout_blocks, open_source
 from .errors import NPTError
 from .evaluate import attribution_table, evaluate, layer_attribution, measure_greedy
 from .inject import add_to_weights, context_deltas, continuation_loss, parse_positions
-from .loading import ModelArguments, resolve_model_path
+from .loading import ModelArguments, dtype_name, resolve_model_path
 from .model import NPTModel
+from .provenance import provenance
 from .run import resolve_device
 from .serialization import read_adapter_config, resolve_adapter_dir
 from .teachers import perplexity
@@ -94,6 +95,7 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
         result, samples = measure_greedy(result, npt, tokenizer, blocks, args.greedy_prompts, args.greedy_tokens)
     report = {"adapter": str(folder), "data": data.dataset_name or data.data_files, "documents": "all" if every else "held-out",
               "blocks": len(blocks), "max_length": data.max_length, "block_layout": block_convention(tokenizer)} | result.record() | {"greedy_samples": samples}
+    report["provenance"] = provenance(str(npt.device), f"{dtype_name(next(npt.model.parameters()).dtype)} weights")
     if args.layer_attribution:
         report["layer_attribution"] = layer_attribution(npt, on_device, args.eval_batch_size)
     out = Path(args.output_json) if args.output_json else folder / "eval.json"

@@ -14,7 +14,7 @@ its results files (paths from the repository root):
 Kinds: `runs` (one row per main-job summary.json: KL, top-1, greedy match, ratio, time), `curve`
 (one summary's held-out evaluations against steps and tokens), `extrapolation` (a power law of
 KL against tokens fitted to one summary's curve, and its cost for Llama-3.2-1B), `zoo` (scripts/zoo_bench.py's
-results.json), `ablation` (scripts/compare_losses.py's), `benchmark` (scripts/benchmark.py
+results.json), `ablation` (scripts/compare_losses.py's), `attribution` (npt-eval --layer_attribution's eval.json), `benchmark` (scripts/benchmark.py
 --output_json's reports). Each table ends with where its figures come from: the command, the
 commit, the date and the machine, as the results file records them.
 """
@@ -239,7 +239,19 @@ def extrapolation(paths: list[str]) -> str:
                       "", "From:", *_sources([s])])
 
 
-KINDS = {"runs": runs, "curve": curve, "extrapolation": extrapolation, "zoo": zoo, "ablation": ablation, "benchmark": benchmark_reports}
+def attribution(paths: list[str]) -> str:
+    """npt-eval --layer_attribution's eval.json: the KL with each converted layer reverted to its
+    teacher layer, and with it alone converted."""
+    (path,) = paths
+    r = load(path)
+    lines = ["| layer | KL, this layer reverted (the others NPT) | ratio, reverted | KL, this layer alone NPT | ratio, alone |",
+             "|---|---|---|---|---|", f"| all converted | {r['kl']:.4f} | {r['ppl_ratio']:.3f} | | |"]
+    lines += [f"| {a['layer']} | {a['kl_reverted']:.4f} | {a['ratio_reverted']:.3f} | {a['kl_alone']:.4f} | {a['ratio_alone']:.3f} |"
+              for a in r["layer_attribution"]]
+    return "\n".join(lines + ["", f"On {r['tokens']} tokens ({r['blocks']} blocks of {r['max_length']}). From:", *_sources([r])])
+
+
+KINDS = {"attribution": attribution, "runs": runs, "curve": curve, "extrapolation": extrapolation, "zoo": zoo, "ablation": ablation, "benchmark": benchmark_reports}
 
 
 def render(text: str) -> str:
