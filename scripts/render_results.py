@@ -50,7 +50,7 @@ def _kl(e: dict) -> str:
     return f"{e['kl']:.4f} +- {1.96 * e['kl_stderr']:.4f}"
 
 
-BOOKKEEPING = {"--output_dir": 1, "--no-progress": 0, "--overwrite_output_dir": 0, "--save_steps": 1, "--resume_from_checkpoint": 1}  # flags that do not change a result (resuming is exact), and their values
+BOOKKEEPING = {"--output_dir": 1, "--output_json": 1, "--no-progress": 0, "--overwrite_output_dir": 0, "--save_steps": 1, "--resume_from_checkpoint": 1}  # flags that do not change a result (resuming is exact), and their values
 
 
 def _flags(command: str) -> list[str]:
