@@ -112,3 +112,27 @@ def test_the_free_running_step_from_the_embeddings_counts_the_layers_below_again
     layer = 2 * n * d * (2 * 4 * hd + 2 * 1 * hd) + 2 * 2 * 4 * 4 * hd * 64 * 65 / 2 + 2 * n * 3 * d * f
     assert flops["teacher"] == pytest.approx(18 * layer)
     assert flops["free_full"] - flops["free"] == pytest.approx(16 * layer)  # the 16 teacher layers below, run again
+
+
+def test_residual_stats_match_hand_computed_figures():
+    """scripts/residual_stats.py: layer 0's input is the embedding; its rms over tokens (the first
+    position left out), that rms's coefficient of variation, and rms(a) / rms(h) with a the
+    attention branch computed by hand from the layer's parts."""
+    import residual_stats
+    import torch
+    from helpers import tiny_model
+
+    model = tiny_model()
+    blocks = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+    rows = residual_stats.layer_stats(model, blocks)
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    with torch.no_grad():
+        h = model.model.embed_tokens(blocks)
+        pos = torch.arange(9)[None]
+        layer = model.model.layers[0]
+        a = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=model.model.rotary_emb(h, pos),
+                            attention_mask=torch.full((9, 9), float("-inf")).triu(1)[None, None])[0]
+    rms_h, rms_a = h[:, 1:].pow(2).mean(-1).sqrt(), a[:, 1:].pow(2).mean(-1).sqrt()
+    assert rows[0]["rms_h"] == pytest.approx(rms_h.mean().item(), rel=1e-5)
+    assert rows[0]["rms_h_cv"] == pytest.approx((rms_h.std() / rms_h.mean()).item(), rel=1e-4)
+    assert rows[0]["ratio"] == pytest.approx((rms_a / rms_h).mean().item(), rel=1e-4)
