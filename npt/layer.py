@@ -41,6 +41,8 @@ so what its attention output changes there is a / rms(h), the attention output i
 residual stream; a bottleneck that reads a alone sees one token's a at whatever scale its residual
 stream has (in deep models rms(h) varies per token and grows with depth), the same a where it
 moves the teacher's MLP input much and where it moves it little. Both ways the layer is as costly.
+It is not the default: the teacher's output also holds the residual m a in absolute units, which
+the down modulation writes from z, and a relative z has lost that scale (measured: docs/ablation.md).
 
 Why the gain: the teacher's MLP reads Norm_f(h + a), the NPT layer's Norm_f(h); the ratio
 rms(h) / rms(h + a) scales the teacher's whole gate and up input per token, a change of W_g and
