@@ -21,8 +21,7 @@ from transformers import AutoTokenizer
 from transformers.hf_argparser import HfArg
 
 from .architecture import decoder_layers, layer_wiring, resolve_layers
-from .corpus import PREFIX as CORPUS_PREFIX
-from .data import DataArguments, block_convention, heldout_blocks, open_source
+from .data import DataArguments, block_convention, heldout_blocks, open_source, with_default_dataset
 from .errors import NPTError
 from .evaluate import attribution_table, evaluate, layer_attribution, measure_greedy
 from .inject import add_to_weights, context_deltas, continuation_loss, parse_positions
@@ -64,8 +63,8 @@ def run_data_defaults(adapter: str) -> dict:
     saved = folder.parent / "config.json"
     fields = {f.name for f in dataclasses.fields(DataArguments)}
     values = {k: v for k, v in json.loads(saved.read_text()).items() if k in fields} if saved.is_file() else {}
-    if not values.get("dataset_name") and not values.get("data_files"):
-        values["dataset_name"] = CORPUS_PREFIX + ModelArguments(model_name=base if base.startswith("zoo:") else None).default_corpus
+    default = ModelArguments(model_name=base if base.startswith("zoo:") else None).default_dataset
+    values["dataset_name"] = with_default_dataset(DataArguments(**values), default).dataset_name
     return values
 
 
@@ -103,7 +102,7 @@ def run_eval(adapter: str, args: EvalArguments, data: DataArguments, own_data: b
     print(f"{len(blocks)} blocks of {data.max_length} tokens; {block_convention(tokenizer)}")
     print(result.table())
     if args.layer_attribution:
-        print("\n" + attribution_table(report["layer_attribution"], result))
+        print("\nLayer attribution\n\n" + attribution_table(report["layer_attribution"], result.kl, result.ppl_ratio))
     print(f"\nWritten: {out}")
     return report
 

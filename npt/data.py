@@ -73,6 +73,14 @@ class DataArguments:
             self.data_files = [self.data_files]
 
 
+def with_default_dataset(data: DataArguments, dataset_name: str) -> DataArguments:
+    """`data` as given when it names a dataset or files; else the same with `dataset_name` (the
+    model's built-in corpus, `ModelArguments.default_dataset`)."""
+    if data.dataset_name or data.data_files:
+        return data
+    return dataclasses.replace(data, dataset_name=dataset_name)
+
+
 # ---- document sources -------------------------------------------------------------------------
 
 

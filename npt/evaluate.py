@@ -240,10 +240,11 @@ def layer_attribution(npt_model: NPTModel, blocks: torch.Tensor, batch_size: int
     return rows
 
 
-def attribution_table(rows: list[dict], result: EvalResult) -> str:
-    lines = [f"Layer attribution (every layer NPT: KL {result.kl:.4f}, ratio {result.ppl_ratio:.4f})", "",
-             "| layer | KL, this layer reverted | ratio, reverted | KL, this layer alone | ratio, alone |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['kl_reverted']:.4f} | {r['ratio_reverted']:.4f} | {r['kl_alone']:.4f} | {r['ratio_alone']:.4f} |" for r in rows]
+def attribution_table(rows: list[dict], kl: float, ppl_ratio: float) -> str:
+    """`layer_attribution`'s rows as a markdown table, the fully converted model (`kl`, `ppl_ratio`) first."""
+    lines = ["| layer | KL, this layer reverted (the others NPT) | ratio, reverted | KL, this layer alone NPT | ratio, alone |",
+             "|---|---|---|---|---|", f"| all converted | {kl:.4f} | {ppl_ratio:.3f} | | |"]
+    lines += [f"| {r['layer']} | {r['kl_reverted']:.4f} | {r['ratio_reverted']:.3f} | {r['kl_alone']:.4f} | {r['ratio_alone']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.hf_argparser import HfArg
 
 from .architecture import decoder_layers, layer_wiring
+from .corpus import PREFIX as CORPUS_PREFIX
 from .errors import NPTError
 from .gguf import PACKAGED, ensure_folder, is_gguf, packaged_file
 from .teachers import EMBEDDED_NAME, ZOO_PREFIX, ensure_named_teacher, zoo_recipe
@@ -47,6 +48,11 @@ class ModelArguments:
             key = packaged_key(self.model_name)
             return PACKAGED[key].corpus if key else zoo_recipe(self.model_name).corpus
         return "docstrings"
+
+    @property
+    def default_dataset(self) -> str:
+        """`--dataset_name` of that corpus, what a run reads when it is given no dataset."""
+        return CORPUS_PREFIX + self.default_corpus
 
 
 def packaged_key(name: str | None) -> str | None:

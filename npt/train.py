@@ -39,8 +39,7 @@ from tqdm.auto import tqdm
 from . import logs
 from .checkpoint import apply_state, checkpoint_dir, collect_state, list_checkpoints, load_checkpoint, restore_training, save_checkpoint
 from .config import Config, changed_recipe
-from .corpus import PREFIX as CORPUS_PREFIX
-from .data import TrainStream, block_convention, heldout_blocks, open_source
+from .data import TrainStream, block_convention, heldout_blocks, open_source, with_default_dataset
 from .divergence import DivergencePolicy, Verdict
 from .distributed import all_reduce_mean, all_reduce_sum, full_tensor, gather_objects, gradient_sync, shard
 from .errors import NPTError
@@ -197,9 +196,7 @@ def setup(cfg: Config) -> Run:
     npt.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
 
     # data: a built-in teacher's own corpus unless a dataset is given
-    data = cfg.data
-    if data.dataset_name is None and not data.data_files:
-        data = dataclasses.replace(data, dataset_name=CORPUS_PREFIX + cfg.model.default_corpus)
+    data = with_default_dataset(cfg.data, cfg.model.default_dataset)
     eval_blocks = heldout_blocks(open_source(data, cfg.run.seed), tokenizer, data)
     stream = TrainStream(open_source(data, cfg.run.seed), tokenizer, data, cfg.optim.batch_size, state.process_index, state.num_processes, cfg.run.seed)
     # Draw a first sample now: a corpus too small for one block is refused before anything is

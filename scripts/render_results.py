@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import benchmark  # the tool beside this one: the matmul count of a step
+from npt.evaluate import attribution_table
 from npt.provenance import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,10 +245,7 @@ def attribution(paths: list[str]) -> str:
     teacher layer, and with it alone converted."""
     (path,) = paths
     r = load(path)
-    lines = ["| layer | KL, this layer reverted (the others NPT) | ratio, reverted | KL, this layer alone NPT | ratio, alone |",
-             "|---|---|---|---|---|", f"| all converted | {r['kl']:.4f} | {r['ppl_ratio']:.3f} | | |"]
-    lines += [f"| {a['layer']} | {a['kl_reverted']:.4f} | {a['ratio_reverted']:.3f} | {a['kl_alone']:.4f} | {a['ratio_alone']:.3f} |"
-              for a in r["layer_attribution"]]
+    lines = [attribution_table(r["layer_attribution"], r["kl"], r["ppl_ratio"])]
     return "\n".join(lines + ["", f"On {r['tokens']} tokens ({r['blocks']} blocks of {r['max_length']}). From:", *_sources([r])])
 
 

@@ -24,8 +24,7 @@ from transformers.hf_argparser import HfArg
 
 from npt.architecture import decoder_layers
 from npt.capture import record_layers
-from npt.corpus import PREFIX as CORPUS_PREFIX
-from npt.data import DataArguments, heldout_blocks, open_source
+from npt.data import DataArguments, heldout_blocks, open_source, with_default_dataset
 from npt.errors import NPTError
 from npt.loading import ModelArguments, load_model
 from npt.provenance import provenance
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     margs, data, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         model, tokenizer = load_model(margs.model_name)
-        if not data.dataset_name and not data.data_files:
-            data.dataset_name = CORPUS_PREFIX + margs.default_corpus
+        data = with_default_dataset(data, margs.default_dataset)
         blocks = heldout_blocks(open_source(data), tokenizer, data)[: args.blocks]
     except NPTError as e:
         print(f"error: {e}", file=sys.stderr)

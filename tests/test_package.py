@@ -86,7 +86,7 @@ def test_the_readme_quickstart_runs_as_written_with_the_installed_package(instal
     assert other_report["documents"] == "all" and other_report["blocks"] == 4 and other_report["kl"] > 0
     rows = other_report["layer_attribution"]
     assert [r["layer"] for r in rows] == list(range(len(rows))) and len(rows) == 3 and all(r["kl_alone"] >= 0 for r in rows)
-    assert "| layer | KL, this layer reverted |" in proc.stdout
+    assert "| layer | KL, this layer reverted (the others NPT) |" in proc.stdout
 
     # generate: teacher and student side by side, the tokenizer found with the adapters
     proc = run([*generate, "--max_new_tokens", "8"], installed, work)
