@@ -39,6 +39,7 @@ def resolve_steps(value: str | int | None, max_steps: int, name: str, times: int
 class OptimArguments:
     learning_rate: float = HfArg(default=6e-3, help="Peak learning rate of the adapters (AdamW).")
     free_running_lr_scale: float = HfArg(default=1.0, help="Multiplies the learning rate in free-running steps (the schedule and rollbacks apply as before). A rate the model does not bear running freely is found and lowered by the rollbacks (docs/checkpoints.md); a lower start saves their steps on a model known to need it.")
+    free_running_warmup: str = HfArg(default="0", help="Ramp the learning rate linearly from 0 over the first free-running steps (a count, or a fraction of max_steps), as at the start of training: the loss changes there, and with --reset_moments_at_free_running AdamW's first updates after the reset move every weight by about the full rate. 0: none.")
     reset_moments_at_free_running: bool = HfArg(default=False, help="Clear AdamW's moments where free-running starts. The teacher-forced phase leaves second moments of another loss's gradients, far smaller than the free-running ones, so that without the reset the first few hundred free-running updates are several times the rate.")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay of the adapters.")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1.")
@@ -74,7 +75,7 @@ class OptimArguments:
             raise NPTError(f"--update_clipping {self.update_clipping} is not a number >= 0.", "Pass 1 for the published threshold, or 0 for plain AdamW.")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
             raise NPTError("AdamW betas must be in [0, 1) and eps positive.", "Use the defaults (0.9, 0.999, 1e-8).")
-        _ = self.warmup, self.decay  # parse errors surface here
+        _ = self.warmup, self.decay, self.free_running_warmup_steps  # parse errors surface here
 
     @property
     def warmup(self) -> int:
@@ -83,6 +84,16 @@ class OptimArguments:
     @property
     def decay(self) -> int:
         return resolve_steps(self.lr_decay_steps, self.max_steps, "lr_decay_steps")
+
+    @property
+    def free_running_warmup_steps(self) -> int:
+        return resolve_steps(self.free_running_warmup, self.max_steps, "free_running_warmup")
+
+    def free_running_factor(self, step: int, free_from: int) -> float:
+        """What multiplies the schedule's rate in free-running step `step` (the phase starting at
+        `free_from`): --free_running_lr_scale, ramped up over --free_running_warmup steps."""
+        n = self.free_running_warmup_steps
+        return self.free_running_lr_scale * (min(1.0, (step - free_from + 1) / n) if n else 1.0)
 
     def describe(self) -> str:
         """The learning-rate schedule in words, for the run's header."""

@@ -289,6 +289,8 @@ def banner(run: Run) -> None:
         phases += f", at {cfg.optim.free_running_lr_scale:g} x the learning rate"
     if cfg.free_running and cfg.optim.reset_moments_at_free_running:
         phases += ", AdamW's moments cleared where it starts"
+    if cfg.free_running and cfg.optim.free_running_warmup_steps:
+        phases += f", its rate ramped up from 0 over {cfg.optim.free_running_warmup_steps} steps"
     if cfg.free_running and cfg.loss.progressive_stages > 1:
         phases += (f"; layers converted bottom-up in {cfg.loss.progressive_stages} stages of the free-running phase "
                    f"(the lowest {', '.join(str(converted_count(s, cfg.loss.progressive_stages, len(run.layers))) for s in range(1, cfg.loss.progressive_stages + 1))})")
@@ -345,7 +347,7 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         free_running = p.step >= cfg.free_running_from
         if cfg.optim.reset_moments_at_free_running and cfg.free_running and p.step == cfg.free_running_from:
             reset_moments(run.optimizer)  # also after a rollback to the switch, or a resume there
-        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_lr_scale if free_running else 1.0))
+        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_factor(p.step, cfg.free_running_from) if free_running else 1.0))
         npt_count = cfg.npt_count(p.step, len(run.layers))
         started = time.perf_counter()
         # forward and backward over the accumulation window (gradients synchronised on its last

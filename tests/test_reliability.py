@@ -77,6 +77,7 @@ def _bad_inputs(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "max_length beyond positions": (["--max_length", "1000"], "exceeds the model's 256 positions"),
         "batch size 0": (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
         "bad warmup": (["--warmup_steps", "ten"], "neither a step count nor a fraction"),
+        "bad free-running warm-up": (["--free_running_warmup", "-3"], "neither a step count nor a fraction"),
         "cuda without a gpu": (["--device", "cuda"], "no CUDA device"),
         "missing config file": (["--config", str(tmp / "nope.yaml")], "does not exist"),
         "logit KL without free-running": (["--free_running_steps", "0", "--logit_kl_weight", "1"], "acts only in free-running steps"),

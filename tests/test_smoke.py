@@ -65,20 +65,26 @@ def test_a_built_in_corpus_is_built_once_and_read_from_its_cache(tmp_path):
 
 def test_free_running_steps_train_at_their_own_learning_rate(micro_teacher, tmp_path):
     """--free_running_lr_scale 0.25: the teacher-forced steps' rates are unchanged, each free-running
-    step's is a quarter of what it would have been."""
+    step's is a quarter of what it would have been; with --free_running_warmup 4 the first four
+    free-running steps ramp it up, the i-th at i/4 of it."""
     teacher, text = micro_teacher
     rates = {}
-    for scale in ("1", "0.25"):
-        out = tmp_path / scale
+    for name, extra in (("1", []), ("0.25", []), ("ramped", ["--free_running_warmup", "4"])):
+        out = tmp_path / name
+        scale = "1" if name == "1" else "0.25"
         assert main(["--model_name", str(teacher), "--data_files", str(text), "--max_length", "16", "--batch_size", "2", "--eval_blocks", "2",
                      "--eval_steps", "0", "--logging_steps", "1", "--num_samples", "0", "--no-progress", "--max_steps", "10",
-                     "--free_running_lr_scale", scale, "--output_dir", str(out)]) == 0
+                     "--free_running_lr_scale", scale, *extra, "--output_dir", str(out)]) == 0
         scalars = read_scalars(out)
-        rates[scale] = [(scalars["training/learning_rate"][s], scalars["training/free_running"][s] == 1) for s in sorted(scalars["training/learning_rate"])]
-    assert len(rates["1"]) == 10 and [free for _, free in rates["1"]] == [free for _, free in rates["0.25"]]
-    assert any(f for _, f in rates["1"]) and not rates["1"][0][1]
+        rates[name] = [(scalars["training/learning_rate"][s], scalars["training/free_running"][s] == 1) for s in sorted(scalars["training/learning_rate"])]
+    assert len(rates["1"]) == 10 and [free for _, free in rates["1"]] == [free for _, free in rates["0.25"]] == [free for _, free in rates["ramped"]]
+    assert sum(f for _, f in rates["1"]) >= 5 and not rates["1"][0][1]
     for (full, free), (scaled, _) in zip(rates["1"], rates["0.25"]):
         assert scaled == pytest.approx(full * (0.25 if free else 1.0), rel=1e-5)
+    nth = 0
+    for (full, free), (ramped, _) in zip(rates["1"], rates["ramped"]):
+        nth += free
+        assert ramped == pytest.approx(full * (0.25 * min(1, nth / 4) if free else 1.0), rel=1e-5)
 
 
 def test_moments_cleared_where_free_running_starts(micro_teacher, tmp_path):
