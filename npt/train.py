@@ -73,6 +73,9 @@ class Progress:
     skipped_steps: int = 0  # non-finite steps skipped in total
     consecutive_bad: int = 0
     lr_scale: float = 1.0  # lowered by each rollback
+    # the step where the free-running phase last started: at the switch, or where a rollback to a
+    # teacher-forced state starts it again (AdamW's moments are cleared there, its warm-up counts from there)
+    free_running_since: int | None = None
     rollbacks: list = dataclasses.field(default_factory=list)  # the rollbacks done
     unrecovered: list = dataclasses.field(default_factory=list)  # divergences seen with no rollback left
 
@@ -237,6 +240,8 @@ def setup(cfg: Config) -> Run:
     if saved is not None:
         apply_state(run, saved)
         run.resumed_at = run.progress.step
+        if run.progress.free_running_since is None and run.progress.step > cfg.free_running_from:
+            run.progress.free_running_since = cfg.free_running_from  # a checkpoint written before the field existed
         if "config" in saved:  # (every checkpoint this code writes)
             run.recipe_changes = changed_recipe(saved["config"], cfg.to_flat())
         run.last_good = collect_state(run, with_data=False)
@@ -345,9 +350,11 @@ def fit(run: Run, tracker: Tracker, stopper: GracefulStop) -> None:
         p = run.progress
         # this step's learning rate and phase
         free_running = p.step >= cfg.free_running_from
-        if cfg.optim.reset_moments_at_free_running and cfg.free_running and p.step == cfg.free_running_from:
-            reset_moments(run.optimizer)  # also after a rollback to the switch, or a resume there
-        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_factor(p.step, cfg.free_running_from) if free_running else 1.0))
+        if free_running and p.free_running_since is None:  # the switch, a resume there, or a rollback to before it
+            p.free_running_since = p.step
+            if cfg.optim.reset_moments_at_free_running:
+                reset_moments(run.optimizer)
+        set_learning_rate(run.optimizer, cfg.optim.lr_factor(p.step) * p.lr_scale * (cfg.optim.free_running_factor(p.step, p.free_running_since) if free_running else 1.0))
         npt_count = cfg.npt_count(p.step, len(run.layers))
         started = time.perf_counter()
         # forward and backward over the accumulation window (gradients synchronised on its last
@@ -536,6 +543,8 @@ def rollback(run: Run, tracker: Tracker, reason: str) -> None:
     restore_training(run, run.last_good)
     run.policy.rolled_back()
     target = run.last_good["progress"]["step"]
+    if target <= run.cfg.free_running_from:
+        p.free_running_since = None  # a teacher-forced state: the free-running phase starts again from it
     p.consecutive_bad = 0
     p.lr_scale *= run.cfg.run.rollback_lr_factor
     p.rollbacks.append({"step": p.step, "to_step": target, "reason": reason, "lr_scale": p.lr_scale})

@@ -127,3 +127,26 @@ def test_a_free_running_rate_the_model_does_not_bear_goes_back_to_where_teacher_
     assert {10, 12, 13, first["step"] + 1} <= set(scalars["loss/logit_kl"]) | set(scalars["loss/mse"])
     assert 13 in scalars["loss/logit_kl"] and first["step"] + 1 in scalars["loss/logit_kl"] and 12 not in scalars["loss/logit_kl"]
     assert scalars["training/free_running"][12] == 0.0 and scalars["training/free_running"][13] == 1.0
+
+
+def test_a_rollback_to_the_switch_starts_the_free_running_phase_again(tmp_path, trained_teacher_dir):
+    """With --reset_moments_at_free_running and --free_running_warmup, a rollback to the state
+    where teacher forcing ended restores that state's (teacher-forced) moments: the phase starts
+    again from it, its moments cleared and its rate ramped up anew, as at the switch."""
+    from npt.optim import OptimArguments
+
+    out = tmp_path / "run"
+    assert main(tiny_args(trained_teacher_dir, out, "--max_steps", "30", "--free_running_steps", "18", "--logging_steps", "1",
+                          "--free_running_lr_scale", "1000", "--max_rollbacks", "1", "--reset_moments_at_free_running",
+                          "--free_running_warmup", "4")) == 0
+    (rollback_,) = json.loads((out / "summary.json").read_text())["rollbacks"]
+    again = rollback_["step"]  # the step count goes on: the phase starts again at the next step
+    assert rollback_["to_step"] == 12 and 13 <= again <= 24
+    schedule = OptimArguments(max_steps=30)
+    lr = read_scalars(out)["training/learning_rate"]  # logged under the step count after the update
+    for step in range(12, 30):
+        start, scale = (12, 1.0) if step < again else (again, 0.3)
+        ramp = min(1.0, (step - start + 1) / 4)
+        assert lr[step + 1] == pytest.approx(6e-3 * schedule.lr_factor(step) * scale * 1000 * ramp, rel=1e-5), step
+    state = torch.load(out / "checkpoints" / "step-00000030" / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    assert {float(v["step"]) for v in state.values()} == {30.0 - again}  # cleared where the phase started again
