@@ -51,7 +51,7 @@ def _kl(e: dict) -> str:
     return f"{e['kl']:.4f} +- {1.96 * e['kl_stderr']:.4f}"
 
 
-BOOKKEEPING = {"--output_dir": 1, "--output_json": 1, "--no-progress": 0, "--overwrite_output_dir": 0, "--save_steps": 1, "--resume_from_checkpoint": 1}  # flags that do not change a result (resuming is exact), and their values
+BOOKKEEPING = {"--output_dir": 1, "--output_json": 1, "--no-progress": 0, "--no_progress": 0, "--overwrite_output_dir": 0, "--save_steps": 1, "--resume_from_checkpoint": 1}  # flags that do not change a result (resuming is exact), and their values
 
 
 def _flags(command: str) -> list[str]:
@@ -151,7 +151,7 @@ def zoo(paths: list[str]) -> str:
             t, s = row["teacher"], row["summary"]
             b, e = s["eval_before"], s["eval"]
             lines.append(f"| {row['model']} (`{flags}`) | {t['architecture']} | {t['layers']} x {t['hidden']} | {t['gqa']} | {e['teacher_ppl']:.2f} "
-                         f"| {b['kl']:.3f} -> **{e['kl']:.3f}** | {e['top1_agreement']:.1%} | {_greedy(e)} | {b['ppl_ratio']:.3f} -> **{e['ppl_ratio']:.3f}** "
+                         f"| {b['kl']:.3f} -> **{e['kl']:.{4 if e['kl'] < 0.1 else 3}f}** | {e['top1_agreement']:.1%} | {_greedy(e)} | {b['ppl_ratio']:.3f} -> **{e['ppl_ratio']:.3f}** "
                          f"| {s['train_seconds']:.0f} | {len(s['rollbacks'])} |")
     return "\n".join(lines + ["", "From:", *_sources(results)])
 
